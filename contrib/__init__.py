@@ -1,0 +1,1 @@
+"""Optional plugins maintained with the gateway but not enabled by default."""

@@ -1,0 +1,111 @@
+"""Serving the app: hypercorn by default (uvloop when installed), one or several worker processes.
+
+SIGTERM / SIGINT start a graceful drain: ``/health/ready`` turns 503, no new connections are
+accepted, in-flight requests (streams included) get ``server.drain_timeout`` seconds to finish, then
+the lifespan shutdown runs (plugins flush usage) and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from starlette.types import ASGIApp
+
+from .app import create_app, gateway_of
+from .config import GatewayConfig
+
+
+def app_from_env() -> ASGIApp:
+    """Factory for worker processes: the config path comes from ``$LLMGATEWAY_CONFIG``."""
+    return create_app(os.environ.get("LLMGATEWAY_CONFIG", "gateway.toml"))
+
+
+def _event_loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a default dependency on Linux
+        return None
+    return uvloop.new_event_loop
+
+
+def serve(config: GatewayConfig, *, host: str, port: int, workers: int, server: str) -> None:
+    os.environ["LLMGATEWAY_CONFIG"] = os.path.abspath(config.path)
+    if server == "uvicorn":
+        _serve_uvicorn(config, host=host, port=port, workers=workers)
+        return
+    if server == "granian":
+        _serve_granian(config, host=host, port=port, workers=workers)
+        return
+    from hypercorn.config import Config as HyperConfig
+
+    hyper = HyperConfig()
+    hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hyper.graceful_timeout = config.server.drain_timeout
+    hyper.accesslog = None
+    hyper.errorlog = "-"
+    hyper.keep_alive_timeout = 75
+    hyper.h11_max_incomplete_size = 64 * 1024
+    hyper.backlog = 1024
+    if workers > 1:
+        from hypercorn.run import run
+
+        hyper.workers = workers
+        hyper.application_path = "llmgateway.core.server:app_from_env()"
+        hyper.worker_class = "uvloop" if _event_loop_factory() else "asyncio"
+        run(hyper)
+        return
+    app = create_app(config)
+    factory = _event_loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve_hypercorn(app, hyper))
+
+
+async def _serve_hypercorn(app: ASGIApp, hyper: Any) -> None:
+    from hypercorn.asyncio import serve as hyper_serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    gateway = gateway_of(app)
+
+    def on_signal() -> None:
+        gateway.draining = True
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await hyper_serve(app, hyper, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def _serve_uvicorn(config: GatewayConfig, *, host: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        "llmgateway.core.server:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop" if _event_loop_factory() else "asyncio",
+        http="httptools",
+        access_log=False,
+        timeout_graceful_shutdown=int(config.server.drain_timeout),
+        log_level="warning",
+    )
+
+
+def _serve_granian(config: GatewayConfig, *, host: str, port: int, workers: int) -> None:
+    from granian.constants import Interfaces
+    from granian.server import Server
+
+    Server(
+        "llmgateway.core.server:app_from_env",
+        factory=True,
+        address=host,
+        port=port,
+        workers=workers,
+        interface=Interfaces.ASGI,
+        log_access=False,
+    ).serve()

@@ -1,0 +1,3 @@
+from llmgateway.core.cli import main
+
+main()

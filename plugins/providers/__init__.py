@@ -1,0 +1,1 @@
+"""Built-in provider plugins (entry-point group ``llmgateway.providers``)."""

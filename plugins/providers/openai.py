@@ -1,0 +1,218 @@
+"""Provider ``openai``: OpenAI itself and any server that speaks its API (vLLM, Ollama, llama.cpp
+server, Groq, Together, LM Studio...).
+
+Requests go through as they are (``model`` set to the deployment's upstream model). Streamed frames
+are forwarded without being parsed: the ``model`` field is rewritten to the alias with a byte-level
+substitution, and only the one frame that carries usage is parsed. When the upstream sends no
+usage, it is estimated from the streamed text and marked estimated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+from llmgateway.core.errors import UpstreamProtocolError, error_from_upstream_status, map_upstream_errors
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.provider import (
+    Provider,
+    UpstreamCall,
+    estimate_prompt_tokens,
+    estimate_tokens,
+    model_field,
+    rewrite_model,
+)
+from llmgateway.core.sse import DONE, SSEDecoder, parse_event
+from llmgateway.core.types import Usage
+
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
+
+
+class OpenAIProvider(Provider):
+    capabilities = frozenset({"chat", "chat_stream", "completions", "completions_stream", "embeddings"})
+    option_keys = frozenset({"organization", "project", "query_params"})
+    default_base_url = "https://api.openai.com/v1"
+
+    def __init__(self, config: Any, http: httpx.AsyncClient) -> None:
+        super().__init__(config, http)
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if config.api_key:
+            headers["authorization"] = f"Bearer {config.api_key}"
+        if self.option("organization"):
+            headers["openai-organization"] = str(self.option("organization"))
+        if self.option("project"):
+            headers["openai-project"] = str(self.option("project"))
+        headers.update(config.headers)
+        self.headers = headers
+        self.params: dict[str, str] = dict(self.option("query_params") or {})
+
+    def url(self, path: str, deployment_model: str) -> str:
+        """Where an operation goes. Subclasses (Azure, Mistral...) override."""
+        return f"{self.base_url}{path}"
+
+    def request_headers(self, call: UpstreamCall) -> Mapping[str, str]:
+        return self.headers
+
+    async def _post_json(self, path: str, call: UpstreamCall) -> dict[str, Any]:
+        self.check_params(call)
+        with map_upstream_errors(self.name, self.secrets):
+            response = await self.http.post(
+                self.url(path, call.deployment.model),
+                content=orjson.dumps(call.body),
+                headers=self.request_headers(call),
+                params=self.params or None,
+            )
+            body = await response.aread()
+        call.response_headers = self.rate_limit_headers(response.headers)
+        self.raise_for_status(response, body)
+        with map_upstream_errors(self.name, self.secrets):
+            data = orjson.loads(body)
+            if not isinstance(data, dict):
+                raise UpstreamProtocolError(f"Provider '{self.name}' sent a non-object response", provider=self.name)
+        call.upstream_model = data.get("model")
+        data["model"] = call.alias
+        return data
+
+    async def chat(self, call: UpstreamCall) -> dict[str, Any]:
+        data = await self._post_json("/chat/completions", call)
+        self._account(call, data)
+        return data
+
+    async def completions(self, call: UpstreamCall) -> dict[str, Any]:
+        data = await self._post_json("/completions", call)
+        self._account(call, data)
+        return data
+
+    async def embeddings(self, call: UpstreamCall) -> dict[str, Any]:
+        data = await self._post_json("/embeddings", call)
+        usage = data.get("usage")
+        if usage:
+            call.usage = Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0))
+        else:
+            call.usage = Usage(prompt_tokens=estimate_prompt_tokens(call.body), estimated=True)
+        return data
+
+    def _account(self, call: UpstreamCall, data: dict[str, Any]) -> None:
+        usage = data.get("usage")
+        choices = data.get("choices") or []
+        if choices and isinstance(choices[0], dict):
+            call.finish_reason = choices[0].get("finish_reason")
+        if usage:
+            call.usage = Usage.from_openai(usage)
+            return
+        text = 0
+        for choice in choices:
+            message = choice.get("message") or {}
+            text += len(message.get("content") or choice.get("text") or "")
+            for tool_call in message.get("tool_calls") or ():
+                text += len((tool_call.get("function") or {}).get("arguments") or "")
+        call.usage = Usage(
+            prompt_tokens=estimate_prompt_tokens(call.body), completion_tokens=estimate_tokens(text), estimated=True
+        )
+
+    def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
+        return self._stream("/chat/completions", call)
+
+    def completions_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
+        return self._stream("/completions", call)
+
+    async def _stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
+        self.check_params(call)
+        body = call.body
+        body["stream"] = True
+        options = body.get("stream_options")
+        body["stream_options"] = (
+            {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        )
+        request = self.http.build_request(
+            "POST",
+            self.url(path, call.deployment.model),
+            content=orjson.dumps(body),
+            headers={**self.request_headers(call), "accept": "text/event-stream"},
+            params=self.params or None,
+        )
+        with map_upstream_errors(self.name, self.secrets):
+            response = await self.http.send(request, stream=True)
+        try:
+            call.response_headers = self.rate_limit_headers(response.headers)
+            if response.status_code >= 400:
+                with map_upstream_errors(self.name, self.secrets):
+                    error_body = await response.aread()
+                self.raise_for_status(response, error_body)
+            async for frame in self._relay(response, call):
+                yield frame
+        finally:
+            await response.aclose()
+
+    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+        decoder = SSEDecoder()
+        replacement = model_field(call.alias)
+        include_usage = call.include_usage
+        text = 0
+        finish: bytes | None = None
+        with map_upstream_errors(self.name, self.secrets):
+            async for chunk in response.aiter_raw():
+                for block in decoder.feed(chunk):
+                    if block.startswith(b"data: ") and b"\n" not in block:
+                        data = block[6:]
+                    else:
+                        _, data = parse_event(block)
+                        if not data:
+                            continue
+                    if data == b"[DONE]":
+                        self._finish_usage(call, text)
+                        if finish:
+                            call.finish_reason = finish.decode()
+                        yield DONE
+                        return
+                    if data.startswith(b'{"error"'):
+                        raise self._stream_error(data)
+                    if call.upstream_model is None:
+                        call.upstream_model = str(orjson.loads(data).get("model") or "")
+                    if _USAGE.search(data):
+                        parsed = orjson.loads(data)
+                        call.usage = Usage.from_openai(parsed.get("usage"))
+                        if not include_usage:
+                            if not parsed.get("choices"):
+                                continue
+                            parsed.pop("usage", None)
+                            parsed["model"] = call.alias
+                            yield b"data: " + orjson.dumps(parsed) + b"\n\n"
+                            continue
+                    else:
+                        for match in _TEXT.finditer(data):
+                            text += len(match.group(1))
+                        if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+                            found = _FINISH.search(data)
+                            if found:
+                                finish = found.group(1)
+                    yield b"data: " + rewrite_model(data, replacement) + b"\n\n"
+        raise UpstreamProtocolError(
+            f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
+        )
+
+    def _finish_usage(self, call: UpstreamCall, text: int) -> None:
+        if call.usage is None:
+            call.usage = Usage(
+                prompt_tokens=estimate_prompt_tokens(call.body),
+                completion_tokens=estimate_tokens(text),
+                estimated=True,
+            )
+
+    def _stream_error(self, data: bytes) -> Exception:
+        message, code, param = self.parse_error(data)
+        status = 429 if code in ("rate_limit_exceeded", "429") else 502
+        return error_from_upstream_status(
+            self.name, status, {}, message, upstream_code=code, param=param, secrets=self.secrets
+        )
+
+
+@hookimpl
+def llmgateway_register_providers() -> dict[str, type[Provider]]:
+    return {"openai": OpenAIProvider}

@@ -1,0 +1,1 @@
+"""Built-in routing strategy plugins (entry-point group ``llmgateway.strategies``)."""

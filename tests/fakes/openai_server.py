@@ -1,0 +1,355 @@
+"""A fake OpenAI API server speaking the real wire format (bodies, SSE framing, error envelopes,
+status codes and headers), scripted per upstream model name so tests can pick a behaviour:
+
+* ``gpt-ok`` (or anything unlisted): a normal answer; usage included (streams: with include_usage).
+* ``no-usage``: like gpt-ok but never sends usage (as many OpenAI-compatible servers do).
+* ``tools``: answers with a tool call (streamed as OpenAI does: id and name once, then argument pieces).
+* ``status-<code>``: fails with that status and an OpenAI error body (429 carries Retry-After: 1).
+* ``flaky-<code>``: fails with <code> on the first call per test, then answers normally.
+* ``cut``: a stream that stops after two chunks without [DONE] (the connection just ends).
+* ``mid-error``: a stream that sends an error event after two chunks.
+* ``slow-<ms>``: waits <ms> milliseconds before answering; streams wait that long between chunks.
+* ``leak``: a 500 whose body echoes the Authorization header it received (a careless upstream).
+
+Every request is recorded in ``FakeOpenAI.requests`` (path, headers, body) for assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+ANSWER = "The quick brown fox jumps over the lazy dog."
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeOpenAI:
+    requests: list[Recorded] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    disconnected: int = 0
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.calls.clear()
+        self.disconnected = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        path = scope["path"]
+        if scope["method"] == "GET" and path.endswith("/models"):
+            await self._json(
+                send,
+                200,
+                {"object": "list", "data": [{"id": "gpt-ok", "object": "model", "created": 0, "owned_by": "fake"}]},
+            )
+            return
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            await self._error(
+                send, 400, "We could not parse the JSON body of your request.", "invalid_request_error", None
+            )
+            return
+        self.requests.append(Recorded(path, headers, body))
+        if headers.get("authorization") != "Bearer sk-upstream-test":
+            await self._error(
+                send, 401, "Incorrect API key provided: sk-upst***test.", "invalid_request_error", "invalid_api_key"
+            )
+            return
+        model = str(body.get("model", ""))
+        count = self.calls[model] = self.calls.get(model, 0) + 1
+        if model.startswith("status-"):
+            await self._status(send, int(model.split("-")[1]))
+            return
+        if model.startswith("flaky-") and count == 1:
+            await self._status(send, int(model.split("-")[1]))
+            return
+        if model == "leak":
+            await self._error(
+                send, 500, f"internal error while handling {headers.get('authorization')}", "server_error", None
+            )
+            return
+        delay = int(model.split("-")[1]) / 1000 if model.startswith("slow-") else 0.0
+        if path.endswith("/embeddings"):
+            await asyncio.sleep(delay)
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            dims = body.get("dimensions") or 8
+            data = [
+                {"object": "embedding", "index": i, "embedding": [0.1 * (i + 1)] * dims} for i in range(len(inputs))
+            ]
+            await self._json(
+                send,
+                200,
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": model,
+                    "usage": {"prompt_tokens": 5 * len(inputs), "total_tokens": 5 * len(inputs)},
+                },
+            )
+            return
+        if body.get("stream"):
+            await self._stream(send, receive, path, body, model, delay)
+            return
+        await asyncio.sleep(delay)
+        await self._json(send, 200, self._completion(path, body, model))
+
+    # ---- bodies ------------------------------------------------------------------------------
+
+    def _completion(self, path: str, body: dict[str, Any], model: str) -> dict[str, Any]:
+        usage = {
+            "prompt_tokens": 11,
+            "completion_tokens": 9,
+            "total_tokens": 20,
+            "prompt_tokens_details": {"cached_tokens": 3},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
+        if path.endswith("/completions") and not path.endswith("/chat/completions"):
+            out: dict[str, Any] = {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model + "-2024",
+                "choices": [{"index": 0, "text": ANSWER, "logprobs": None, "finish_reason": "stop"}],
+            }
+        else:
+            message: dict[str, Any] = {"role": "assistant", "content": ANSWER, "refusal": None}
+            finish = "stop"
+            if model == "tools":
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_abc123",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                        }
+                    ],
+                }
+                finish = "tool_calls"
+            out = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model + "-2024",
+                "system_fingerprint": "fp_fake",
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            }
+        if model != "no-usage":
+            out["usage"] = usage
+        return out
+
+    async def _stream(
+        self, send: Send, receive: Receive, path: str, body: dict[str, Any], model: str, delay: float
+    ) -> None:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and model != "no-usage"
+        chat = path.endswith("/chat/completions")
+        base: dict[str, Any] = {
+            "id": "chatcmpl-fake" if chat else "cmpl-fake",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model + "-2024",
+        }
+        if chat:
+            base["system_fingerprint"] = "fp_fake"
+        chunks: list[dict[str, Any]] = []
+        if chat and model == "tools":
+            chunks.append(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {
+                                "role": "assistant",
+                                "content": None,
+                                "tool_calls": [
+                                    {
+                                        "index": 0,
+                                        "id": "call_abc123",
+                                        "type": "function",
+                                        "function": {"name": "get_weather", "arguments": ""},
+                                    }
+                                ],
+                            },
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+            for piece in ['{"city"', ': "Par', 'is", "unit"', ': "c"}']:
+                chunks.append(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+            chunks.append(
+                {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]}
+            )
+        elif chat:
+            chunks.append(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": "", "refusal": None},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+            for word in ANSWER.split(" "):
+                chunks.append(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": {"content": word + " "}, "logprobs": None, "finish_reason": None}
+                        ],
+                    }
+                )
+            chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+        else:
+            for word in ANSWER.split(" "):
+                chunks.append(
+                    {**base, "choices": [{"index": 0, "text": word + " ", "logprobs": None, "finish_reason": None}]}
+                )
+            chunks.append({**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
+        if include_usage:
+            for chunk in chunks:
+                chunk["usage"] = None
+            chunks.append(
+                {**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}
+            )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"x-ratelimit-remaining-requests", b"99"),
+                ],
+            }
+        )
+        try:
+            for i, chunk in enumerate(chunks):
+                if model == "cut" and i == 2:
+                    return  # the body just ends: no [DONE]
+                if model == "mid-error" and i == 2:
+                    error = {
+                        "error": {
+                            "message": "The server had an error while processing your request.",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + orjson.dumps(error) + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
+                    return
+                if delay and i:
+                    await asyncio.sleep(delay)
+                await send(
+                    {"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+        except (OSError, asyncio.CancelledError):
+            self.disconnected += 1
+            raise
+        finally:
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except Exception:
+                self.disconnected += 1
+
+    async def _status(self, send: Send, status: int) -> None:
+        kinds = {
+            400: ("invalid_request_error", None),
+            401: ("invalid_request_error", "invalid_api_key"),
+            403: ("invalid_request_error", "unsupported_country_region_territory"),
+            404: ("invalid_request_error", "model_not_found"),
+            429: ("requests", "rate_limit_exceeded"),
+            500: ("server_error", None),
+            503: ("server_error", None),
+        }
+        error_type, code = kinds.get(status, ("server_error", None))
+        message = {
+            400: "This model's maximum context length is 128000 tokens. However, your messages resulted in 130000 tokens.",
+            429: "Rate limit reached for requests",
+        }.get(status, f"fake upstream error {status}")
+        extra = [(b"retry-after", b"1"), (b"x-ratelimit-remaining-requests", b"0")] if status == 429 else []
+        await self._error(
+            send, status, message, error_type, "context_length_exceeded" if status == 400 else code, extra
+        )
+
+    @staticmethod
+    async def _json(send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = orjson.dumps(payload)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *(extra or []),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _error(
+        self,
+        send: Send,
+        status: int,
+        message: str,
+        error_type: str,
+        code: str | None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        await self._json(
+            send, status, {"error": {"message": message, "type": error_type, "param": None, "code": code}}, extra
+        )
