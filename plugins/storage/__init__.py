@@ -1,0 +1,1 @@
+"""Storage: Tortoise ORM models, migrations, the write-behind queue and the admin queries."""
