@@ -9,6 +9,8 @@ request), rolled up into :class:`UsageRollup` and :class:`ModelMetric` per hour 
 
 from __future__ import annotations
 
+from typing import Any
+
 from tortoise import fields
 from tortoise.models import Model
 
@@ -28,8 +30,8 @@ class LimitsMixin:
 class Team(LimitsMixin, Model):
     id = fields.CharField(pk=True, max_length=64)
     name = fields.CharField(max_length=200, unique=True)
-    allowed_models = fields.JSONField(null=True)  # list of aliases; None: all
-    metadata = fields.JSONField(default=dict)
+    allowed_models: fields.JSONField[Any] = fields.JSONField(null=True)  # list of aliases; None: all
+    metadata: fields.JSONField[Any] = fields.JSONField(default=dict)
     created_at = fields.DatetimeField(auto_now_add=True)
 
     class Meta:
@@ -43,9 +45,9 @@ class User(LimitsMixin, Model):
     team: fields.ForeignKeyNullableRelation[Team] = fields.ForeignKeyField(
         "models.Team", related_name="users", null=True, on_delete=fields.SET_NULL
     )
-    roles = fields.JSONField(default=list)  # subset of admin, operator, viewer, user
-    allowed_models = fields.JSONField(null=True)
-    metadata = fields.JSONField(default=dict)
+    roles: fields.JSONField[Any] = fields.JSONField(default=list)  # subset of admin, operator, viewer, user
+    allowed_models: fields.JSONField[Any] = fields.JSONField(null=True)
+    metadata: fields.JSONField[Any] = fields.JSONField(default=dict)
     created_at = fields.DatetimeField(auto_now_add=True)
 
     class Meta:
@@ -65,9 +67,9 @@ class ApiKey(LimitsMixin, Model):
     team: fields.ForeignKeyNullableRelation[Team] = fields.ForeignKeyField(
         "models.Team", related_name="keys", null=True, on_delete=fields.SET_NULL
     )
-    roles = fields.JSONField(default=list)  # empty: ["user"]
-    allowed_models = fields.JSONField(null=True)
-    metadata = fields.JSONField(default=dict)
+    roles: fields.JSONField[Any] = fields.JSONField(default=list)  # empty: ["user"]
+    allowed_models: fields.JSONField[Any] = fields.JSONField(null=True)
+    metadata: fields.JSONField[Any] = fields.JSONField(default=dict)
     expires_at = fields.DatetimeField(null=True)
     revoked_at = fields.DatetimeField(null=True, index=True)
     created_at = fields.DatetimeField(auto_now_add=True)
@@ -106,7 +108,7 @@ class UsageRecord(Model):
     streamed = fields.BooleanField(default=False)
     client_disconnected = fields.BooleanField(default=False)
     attempts = fields.IntField(default=1)
-    metadata = fields.JSONField(default=dict)
+    metadata: fields.JSONField[Any] = fields.JSONField(default=dict)
 
     class Meta:
         table = "usage_records"
@@ -127,8 +129,8 @@ class RoutingDecisionRecord(Model):
     strategy = fields.CharField(max_length=64)
     chosen = fields.CharField(max_length=400, null=True)
     reason = fields.TextField()
-    candidates = fields.JSONField(default=list)  # [[deployment id, score], ...]
-    fallbacks = fields.JSONField(default=list)
+    candidates: fields.JSONField[Any] = fields.JSONField(default=list)  # [[deployment id, score], ...]
+    fallbacks: fields.JSONField[Any] = fields.JSONField(default=list)
     outcome = fields.CharField(max_length=64)
 
     class Meta:
