@@ -11,7 +11,7 @@ ensure_venv() {
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install --quiet -e "$spec" --config-settings editable_mode=strict
+    .venv/bin/python -m pip install --quiet -e "$spec"
     touch "$stamp"
   fi
 }
