@@ -193,6 +193,20 @@ def create_app(
         routes.append(Route(f"{prefix}/chat/completions", ProxyEndpoint(gateway, "chat.completions"), methods=["POST"]))
         routes.append(Route(f"{prefix}/completions", ProxyEndpoint(gateway, "completions"), methods=["POST"]))
         routes.append(Route(f"{prefix}/embeddings", ProxyEndpoint(gateway, "embeddings"), methods=["POST"]))
+    taken = {
+        "/v1/chat/completions",
+        "/chat/completions",
+        "/v1/completions",
+        "/completions",
+        "/v1/embeddings",
+        "/embeddings",
+    }
+    for ingresses in gateway.pm.hook.llmgateway_register_ingress(gateway=gateway):
+        for path, ingress in (ingresses or {}).items():
+            if path in taken:
+                raise ConfigError(f"two routes claim the path {path!r}", key="plugins", file=config.path)
+            taken.add(path)
+            routes.append(Route(path, ProxyEndpoint(gateway, ingress.endpoint, ingress), methods=["POST"]))
     models_permission = rbac.PUBLIC if config.server.public_models else "models:read"
     core_routes = [
         GatewayRoute("/v1/models", _list_models(gateway), models_permission),
@@ -202,14 +216,6 @@ def create_app(
         GatewayRoute("/health/live", _live, rbac.PUBLIC),
         GatewayRoute("/health/ready", _ready(gateway), rbac.PUBLIC),
     ]
-    taken = {
-        "/v1/chat/completions",
-        "/chat/completions",
-        "/v1/completions",
-        "/completions",
-        "/v1/embeddings",
-        "/embeddings",
-    }
     for route in core_routes + gateway.routes:
         if route.path in taken:
             raise ConfigError(f"two routes claim the path {route.path!r}", key="plugins", file=config.path)

@@ -7,7 +7,7 @@ Phases, in the order they fire:
 
 * **Command line**: ``llmgateway_register_commands`` when the ``llmgateway`` CLI starts.
 * **Lifecycle** (at startup, synchronous unless noted): ``llmgateway_configure``,
-  ``llmgateway_register_providers``, ``llmgateway_register_strategies``, ``llmgateway_routes``,
+  ``llmgateway_register_providers``, ``llmgateway_register_strategies``, ``llmgateway_routes``, ``llmgateway_register_ingress``,
   ``llmgateway_register_jobs``, ``llmgateway_asgi_wrapper``, ``llmgateway_readiness_checks``,
   then the async ``llmgateway_startup``; ``llmgateway_shutdown`` when the process stops.
 * **Request chain** (per request, may be ``async def``): auth → prepare → cache → classifier →
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .app import Gateway, GatewayRoute
     from .config import GatewayConfig
     from .errors import GatewayError
+    from .ingress import Ingress
     from .jobs import Job
     from .provider import Provider
     from .strategy import Strategy
@@ -119,6 +120,16 @@ def llmgateway_routes(gateway: Gateway) -> Sequence[GatewayRoute] | None:
     Fires once while the app is built. Each :class:`~llmgateway.core.app.GatewayRoute` declares
     the permission it needs (see :mod:`llmgateway.core.rbac`). Fan-out: all routes are mounted;
     a path already taken by an earlier route is an error at startup.
+    """
+
+
+@hookspec
+def llmgateway_register_ingress(gateway: Gateway) -> Mapping[str, Ingress] | None:
+    """Offer request formats other than OpenAI's, keyed by path (e.g. ``"/v1/messages"``).
+
+    Fires once while the app is built. Each :class:`~llmgateway.core.ingress.Ingress` translates its
+    requests into OpenAI bodies and the answers back; the path then runs the whole request chain.
+    Fan-out; a path already taken is an error at startup.
     """
 
 

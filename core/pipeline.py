@@ -33,6 +33,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from .ingress import Ingress
 from .provider import UpstreamCall
 from .sse import DONE, frame
 from .types import Attempt, Deployment, Endpoint, ModelGroup, RequestContext, Usage, UsageRecord
@@ -105,10 +106,11 @@ def error_headers(request_id: str, error: GatewayError) -> list[tuple[bytes, byt
 class ProxyEndpoint:
     """One OpenAI endpoint (chat completions, completions, embeddings) as a plain ASGI app."""
 
-    def __init__(self, gateway: Gateway, endpoint: Endpoint) -> None:
+    def __init__(self, gateway: Gateway, endpoint: Endpoint, ingress: Ingress | None = None) -> None:
         self.gateway = gateway
         self.endpoint: Endpoint = endpoint
         self.kind = _KIND[endpoint]
+        self.ingress = ingress
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = self.gateway
@@ -124,13 +126,18 @@ class ProxyEndpoint:
         )
         try:
             raw = await read_body(receive, scope, gateway.config.server.max_body_bytes)
-            ctx.body = parse_json_object(raw)
+            body = parse_json_object(raw)
+            if self.ingress is not None:
+                ctx.state["ingress.body"] = body
+                body = self.ingress.to_openai(ctx, body)
+            ctx.body = body
             await self.handle(ctx, receive, send)
         except GatewayError as error:
             await self.fail(ctx, send, error)
 
     async def fail(self, ctx: RequestContext, send: Send, error: GatewayError) -> None:
-        await send_json(send, error.status, error.body(), error_headers(ctx.request_id, error))
+        body = self.ingress.error_body(error) if self.ingress is not None else error.body()
+        await send_json(send, error.status, body, error_headers(ctx.request_id, error))
         gateway = self.gateway
         await gateway.hooks.on_error(ctx, error)
         if ctx.alias and not isinstance(error, (AuthenticationError, RequestTooLargeError)):
@@ -270,7 +277,7 @@ class ProxyEndpoint:
         assert call is not None
         ctx.usage = call.usage or Usage(estimated=True)
         await gateway.hooks.response(ctx, response)
-        payload = orjson.dumps(response)
+        payload = orjson.dumps(self.ingress.from_openai(ctx, response) if self.ingress is not None else response)
         await send_json(send, 200, payload, self.success_headers(ctx))
         if ctx.cache_status == "miss":
             await gateway.hooks.cache_store(ctx, response, None)
@@ -312,7 +319,7 @@ class ProxyEndpoint:
         assert call is not None
         collect: list[bytes] | None = [] if ctx.state.get("cache.collect") else None
         await send({"type": "http.response.start", "status": 200, "headers": self.success_headers(ctx, sse=True)})
-        outcome = await _pump(frames, first, send, receive, collect)
+        outcome = await _pump(frames, first, send, receive, collect, self.ingress, ctx)
         attempt = ctx.attempts[-1]
         attempt.finished = time.perf_counter()
         ctx.usage = call.usage or _estimated_after_cut(call)
@@ -339,11 +346,15 @@ class ProxyEndpoint:
         body["model"] = ctx.alias
         if ctx.stream and self.endpoint != "embeddings":
             await send({"type": "http.response.start", "status": 200, "headers": self.success_headers(ctx, sse=True)})
-            for chunk in replay_as_chunks(body, self.endpoint, ctx):
+            chunks: AsyncIterator[bytes] = _iterate(replay_as_chunks(body, self.endpoint, ctx))
+            if self.ingress is not None:
+                chunks = self.ingress.stream(ctx, chunks)
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         else:
-            await send_json(send, 200, orjson.dumps(body), self.success_headers(ctx))
+            payload = self.ingress.from_openai(ctx, body) if self.ingress is not None else body
+            await send_json(send, 200, orjson.dumps(payload), self.success_headers(ctx))
         ctx.cost = 0.0
         await self.finish(ctx, status=200, error_code=None, streamed=ctx.stream, saved_cost=cached.saved_cost)
 
@@ -474,23 +485,24 @@ async def _pump(
     send: Send,
     receive: Receive,
     collect: list[bytes] | None,
+    ingress: Ingress | None,
+    ctx: RequestContext,
 ) -> GatewayError | str:
     """Forward frames until the upstream ends, fails, or the client goes away.
 
     Returns "done", "disconnected", or the error that ended the stream (already sent as an event).
+    Collected chunks (for the cache) are always the OpenAI frames, whatever the ingress.
     """
+    source = _prepend(first, frames, collect)
+    out = ingress.stream(ctx, source) if ingress is not None else source
 
     async def forward() -> GatewayError | str:
         try:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            if collect is not None:
-                collect.append(first)
-            async for chunk in frames:
+            async for chunk in out:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if collect is not None:
-                    collect.append(chunk)
         except GatewayError as error:
-            await send({"type": "http.response.body", "body": error.sse_event(), "more_body": False})
+            event = ingress.error_event(error) if ingress is not None else error.sse_event()
+            await send({"type": "http.response.body", "body": event, "more_body": False})
             return error
         except OSError:
             return "disconnected"
@@ -516,10 +528,31 @@ async def _pump(
             await pump
         except asyncio.CancelledError:
             pass
+        await _close(out)
         await _close(frames)
         return "disconnected"
+    await _close(out)
     await _close(frames)
     return pump.result()
+
+
+async def _prepend(first: bytes, frames: AsyncIterator[bytes], collect: list[bytes] | None) -> AsyncIterator[bytes]:
+    """``first`` then the rest of ``frames``, recording them for the cache when asked."""
+    try:
+        if collect is not None:
+            collect.append(first)
+        yield first
+        async for chunk in frames:
+            if collect is not None:
+                collect.append(chunk)
+            yield chunk
+    finally:
+        await _close(frames)
+
+
+async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 def replay_as_chunks(body: dict[str, Any], endpoint: Endpoint, ctx: RequestContext) -> list[bytes]:
