@@ -10,6 +10,7 @@ status codes and headers), scripted per upstream model name so tests can pick a 
 * ``mid-error``: a stream that sends an error event after two chunks.
 * ``slow-<ms>``: waits <ms> milliseconds before answering; streams wait that long between chunks.
 * ``leak``: a 500 whose body echoes the Authorization header it received (a careless upstream).
+* ``gated``: a stream that sends two chunks, then waits until the test sets ``FakeOpenAI.gate``.
 
 Every request is recorded in ``FakeOpenAI.requests`` (path, headers, body) for assertions.
 """
@@ -39,11 +40,15 @@ class FakeOpenAI:
     requests: list[Recorded] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
     disconnected: int = 0
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    stream_finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     def reset(self) -> None:
         self.requests.clear()
         self.calls.clear()
         self.disconnected = 0
+        self.gate = asyncio.Event()
+        self.stream_finished = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -290,6 +295,8 @@ class FakeOpenAI:
                         }
                     )
                     return
+                if model == "gated" and i == 2 and await self._disconnected_before_gate(receive):
+                    return
                 if delay and i:
                     await asyncio.sleep(delay)
                 await send(
@@ -304,6 +311,18 @@ class FakeOpenAI:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except Exception:
                 self.disconnected += 1
+
+    async def _disconnected_before_gate(self, receive: Receive) -> bool:
+        """Wait for the test to open the gate; True if the client went away first."""
+        gate = asyncio.ensure_future(self.gate.wait())
+        message = asyncio.ensure_future(receive())
+        done, pending = await asyncio.wait({gate, message}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if message in done and message.result()["type"] == "http.disconnect":
+            self.disconnected += 1
+            return True
+        return False
 
     async def _status(self, send: Send, status: int) -> None:
         kinds = {

@@ -1,0 +1,138 @@
+"""Streaming behaviour a client can observe: unbuffered chunks, disconnects, failures after the first
+byte, and fallbacks before it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.conftest import GatewayFactory, sdk, upstream_toml
+from tests.fakes.openai_server import FakeOpenAI
+from tests.test_openai_proxy import Recorder, models
+
+Upstream = tuple[FakeOpenAI, str]
+BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def read_events(response: httpx.Response) -> list[bytes]:
+    raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    return [event for event in raw.split(b"\n\n") if event]
+
+
+async def test_chunks_reach_the_client_before_the_upstream_finishes(
+    upstream: Upstream, serve_gateway: GatewayFactory
+) -> None:
+    fake, url = upstream
+    async with serve_gateway(upstream_toml(url, models(("m", ["gated"])))) as gw:
+        async with sdk(gw) as client:
+            stream = await client.chat.completions.create(model="m", messages=BODY["messages"], stream=True)  # type: ignore[arg-type]
+            iterator = stream.__aiter__()
+            first = await iterator.__anext__()
+            second = await iterator.__anext__()
+            # the upstream is still holding the rest of its answer behind the gate
+            assert not fake.stream_finished.is_set()
+            fake.gate.set()
+            rest = [chunk async for chunk in iterator]
+    assert first.choices[0].delta.role == "assistant"
+    assert second.choices[0].delta.content
+    assert rest[-1].choices[0].finish_reason == "stop"
+
+
+async def test_client_disconnect_cancels_upstream_and_is_accounted(
+    upstream: Upstream, serve_gateway: GatewayFactory
+) -> None:
+    fake, url = upstream
+    recorder = Recorder()
+    async with serve_gateway(upstream_toml(url, models(("m", ["gated"]))), plugins={"rec": recorder}) as gw:
+        async with httpx.AsyncClient(base_url=gw) as http:
+            async with http.stream("POST", "/v1/chat/completions", json={**BODY, "model": "m"}) as response:
+                async for _ in response.aiter_raw():
+                    break  # the client walks away after the first bytes
+        for _ in range(200):
+            if fake.disconnected and recorder.records:
+                break
+            await asyncio.sleep(0.01)
+    assert fake.disconnected == 1  # the upstream call was cancelled, not left running
+    [record] = recorder.records
+    assert record.client_disconnected
+    assert record.status == 499
+    assert record.usage.estimated  # the upstream never sent its usage: it is estimated, not $0
+
+
+@pytest.mark.parametrize("upstream_model", ["cut", "mid-error"])
+async def test_failure_after_first_byte_ends_with_one_error_event(
+    upstream: Upstream, serve_gateway: GatewayFactory, upstream_model: str
+) -> None:
+    _, url = upstream
+    recorder = Recorder()
+    toml = upstream_toml(url, models(("m", [upstream_model, "gpt-ok"])))
+    async with serve_gateway(toml, plugins={"rec": recorder}) as gw:
+        async with httpx.AsyncClient(base_url=gw) as http:
+            async with http.stream("POST", "/v1/chat/completions", json={**BODY, "model": "m"}) as response:
+                events = await read_events(response)
+        async with sdk(gw) as client:
+            stream = await client.chat.completions.create(model="m", messages=BODY["messages"], stream=True)  # type: ignore[arg-type]
+            with pytest.raises(openai.APIError):
+                [chunk async for chunk in stream]
+    assert response.status_code == 200
+    assert b"data: [DONE]" not in events
+    assert events[-1].startswith(b'data: {"error"')
+    error = orjson.loads(events[-1][6:])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert sum(e.startswith(b'data: {"error"') for e in events) == 1
+    # no fallback after the first byte: the second deployment was never tried
+    assert recorder.records[0].attempts == 1
+    assert recorder.records[0].status == 502
+
+
+async def test_fallback_before_first_byte(upstream: Upstream, serve_gateway: GatewayFactory) -> None:
+    fake, url = upstream
+    recorder = Recorder()
+    toml = upstream_toml(url, models(("m", ["status-503", "gpt-ok"])))
+    async with serve_gateway(toml, plugins={"rec": recorder}) as gw:
+        async with sdk(gw) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m",
+                messages=BODY["messages"],
+                stream=True,  # type: ignore[arg-type]
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+            plain = await client.chat.completions.with_raw_response.create(model="m", messages=BODY["messages"])  # type: ignore[arg-type]
+    assert text.strip()
+    assert raw.headers["x-llmgateway-deployment"] == "m/local/gpt-ok#1"
+    assert raw.headers["x-llmgateway-attempts"] == "2"
+    assert plain.headers["x-llmgateway-deployment"] == "m/local/gpt-ok#1"
+    assert [r.body["model"] for r in fake.requests] == ["status-503", "gpt-ok", "status-503", "gpt-ok"]
+    assert [r.attempts for r in recorder.records] == [2, 2]
+
+
+async def test_retry_same_deployment_then_succeed(upstream: Upstream, serve_gateway: GatewayFactory) -> None:
+    fake, url = upstream
+    toml = upstream_toml(url, models(("m", ["flaky-503"]), extra="max_attempts = 2\nretry_backoff = 0.01"))
+    async with serve_gateway(toml) as gw:
+        async with sdk(gw) as client:
+            answer = await client.chat.completions.create(model="m", messages=BODY["messages"])  # type: ignore[arg-type]
+    assert answer.choices[0].message.content
+    assert fake.calls["flaky-503"] == 2
+
+
+async def test_fallback_alias_and_no_retry_on_client_errors(upstream: Upstream, serve_gateway: GatewayFactory) -> None:
+    fake, url = upstream
+    toml = upstream_toml(
+        url,
+        models(("primary", ["status-429"]), extra='max_attempts = 1\nfallbacks = ["backup"]')
+        + models(("backup", ["gpt-ok"]))
+        + models(("broken", ["status-404", "gpt-ok"])),
+    )
+    async with serve_gateway(toml) as gw:
+        async with sdk(gw) as client:
+            answer = await client.chat.completions.with_raw_response.create(model="primary", messages=BODY["messages"])  # type: ignore[arg-type]
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(model="broken", messages=BODY["messages"])  # type: ignore[arg-type]
+    assert answer.headers["x-llmgateway-deployment"] == "backup/local/gpt-ok#0"
+    assert answer.parse().model == "primary"
+    assert fake.calls.get("gpt-ok", 0) == 1  # a 404 is not retried on another deployment
