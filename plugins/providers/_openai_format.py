@@ -8,11 +8,16 @@ frame that never changes (id, object, created, model) is encoded once, so a text
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
+from llmgateway.core.errors import InvalidRequestError
 from llmgateway.core.types import Usage
 
 _NULL_FINISH = b'},"finish_reason":null}]}\n\n'
@@ -23,7 +28,7 @@ class ChunkWriter:
 
     __slots__ = ("_head", "_prefix")
 
-    def __init__(self, id: str, model: str, created: int | None = None) -> None:
+    def __init__(self, id: str, model: str, created: int | None = None, *, index: int = 0) -> None:
         created = int(time.time()) if created is None else created
         self._head = (
             b'data: {"id":'
@@ -33,7 +38,8 @@ class ChunkWriter:
             + b',"model":'
             + orjson.dumps(model)
         )
-        self._prefix = self._head + b',"choices":[{"index":0,"delta":'
+        # ``index``: the choice these frames belong to (one writer per choice when n > 1)
+        self._prefix = self._head + b',"choices":[{"index":' + str(index).encode() + b',"delta":'
 
     def role(self) -> bytes:
         """The first frame: the assistant role with empty content."""
@@ -107,3 +113,80 @@ def chat_completion(
     if usage is not None:
         out["usage"] = usage.as_openai()
     return out
+
+
+# ---- reading OpenAI requests, writing embeddings (added for the gemini / cohere providers) ------
+
+
+def new_tool_call_id() -> str:
+    """``call_`` plus 24 hex characters: an id for a tool call the upstream did not name."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def text_of(content: Any) -> str:
+    """The text of an OpenAI message ``content``: a string, or the joined text of its text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text") or "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return str(content)
+
+
+def parse_data_url(url: str) -> tuple[str, str] | None:
+    """(mime type, base64 data) of a ``data:<mime>;base64,<data>`` URL; None for any other URL."""
+    if not url.startswith("data:"):
+        return None
+    header, sep, data = url[5:].partition(",")
+    mime, _, encoding = header.partition(";")
+    if not sep or encoding.lower() != "base64":
+        raise InvalidRequestError("Only base64 data: URLs are supported (data:<mime>;base64,<data>)", param="messages")
+    return (mime or "application/octet-stream"), data
+
+
+def stop_sequences(body: dict[str, Any]) -> list[str] | None:
+    """``stop`` as a list (OpenAI accepts a string or a list)."""
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    return [stop] if isinstance(stop, str) else [str(s) for s in stop]
+
+
+def max_output_tokens(body: dict[str, Any]) -> int | None:
+    """``max_completion_tokens`` (the current name), else ``max_tokens``."""
+    value = body.get("max_completion_tokens")
+    if value is None:
+        value = body.get("max_tokens")
+    return int(value) if value is not None else None
+
+
+def embedding_inputs(body: dict[str, Any]) -> list[str]:
+    """The texts of an embeddings request; token-id inputs are refused (400 naming ``input``)."""
+    raw = body.get("input")
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
+        return list(raw)
+    if isinstance(raw, list) and raw:
+        raise InvalidRequestError("This provider takes 'input' as text, not token ids", param="input")
+    raise InvalidRequestError("'input' must be a non-empty string or list of strings", param="input")
+
+
+def encode_embedding(vector: Sequence[float], encoding_format: str | None) -> list[float] | str:
+    """``float``: the list; ``base64``: little-endian float32 bytes, base64-encoded (as OpenAI sends)."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return list(vector)
+
+
+def embeddings_response(embeddings: Sequence[list[float] | str], model: str, usage: Usage) -> dict[str, Any]:
+    """An OpenAI ``list`` of ``embedding`` objects, in input order."""
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)],
+        "model": model,
+        "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
+    }
