@@ -311,9 +311,12 @@ def describe(name: str) -> dict[str, Any]:
 
     fn = globals()[name]
     opts = getattr(fn, PROJECT + "_spec", {})
+    params = inspect.signature(fn).parameters.values()
+    args = ", ".join(f"{p.name}: {p.annotation}" for p in params)
+    returns = inspect.signature(fn).return_annotation
     return {
         "name": name,
-        "signature": str(inspect.signature(fn)),
+        "signature": f"({args}) -> {returns}",
         "firstresult": bool(opts.get("firstresult")),
         "doc": inspect.getdoc(fn) or "",
     }

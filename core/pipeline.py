@@ -140,7 +140,7 @@ class ProxyEndpoint:
         await send_json(send, error.status, body, error_headers(ctx.request_id, error))
         gateway = self.gateway
         await gateway.hooks.on_error(ctx, error)
-        if ctx.alias and not isinstance(error, (AuthenticationError, RequestTooLargeError)):
+        if ctx.authenticated:  # unauthenticated callers leave no rows (no free writes for strangers)
             await self.finish(ctx, status=error.status, error_code=error.code, streamed=False)
         else:
             await self.run_on_finish(ctx)
@@ -154,6 +154,7 @@ class ProxyEndpoint:
         if principal is None:
             raise AuthenticationError("Missing or invalid API key; send it as 'Authorization: Bearer <key>'")
         ctx.principal = principal
+        ctx.authenticated = True
         if not rbac.allowed(principal, "inference"):
             raise PermissionDeniedError("This key may not call models")
         body = ctx.body

@@ -223,6 +223,7 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.time)
     principal: Principal = ANONYMOUS
+    authenticated: bool = False  # set once llmgateway_authenticate accepted the caller
     alias: str = ""
     stream: bool = False
     model_group: ModelGroup | None = None

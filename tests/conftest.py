@@ -17,6 +17,8 @@ import pytest
 
 from llmgateway.core.app import create_app, gateway_of
 from llmgateway.core.config import parse_config
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.types import RequestContext, UsageRecord
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import running
 
@@ -96,3 +98,14 @@ def serve_gateway(tmp_path: Path) -> GatewayFactory:
 def sdk(url: str, api_key: str = "sk-anything") -> openai.AsyncOpenAI:
     """The official OpenAI SDK pointed at a gateway (no SDK retries: tests see the first answer)."""
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+class Recorder:
+    """A test plugin that keeps every usage record the gateway produces."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    @hookimpl
+    def llmgateway_record_usage(self, ctx: RequestContext, record: UsageRecord) -> None:
+        self.records.append(record)

@@ -8,9 +8,7 @@ import httpx
 import openai
 import pytest
 
-from llmgateway.core.hookspecs import hookimpl
-from llmgateway.core.types import RequestContext, UsageRecord
-from tests.conftest import UPSTREAM_KEY, GatewayFactory, sdk, upstream_toml
+from tests.conftest import UPSTREAM_KEY, GatewayFactory, Recorder, sdk, upstream_toml
 from tests.fakes.openai_server import ANSWER, FakeOpenAI
 
 Upstream = tuple[FakeOpenAI, str]
@@ -22,17 +20,6 @@ def models(*entries: tuple[str, list[str]], extra: str = "") -> str:
         deployments = ", ".join(f'{{ provider = "local", model = "{m}" }}' for m in upstream_models)
         out += f'\n[[models]]\nname = "{name}"\ndeployments = [{deployments}]\n{extra}\n'
     return out
-
-
-class Recorder:
-    """A test plugin that keeps every usage record."""
-
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-
-    @hookimpl
-    def llmgateway_record_usage(self, ctx: RequestContext, record: UsageRecord) -> None:
-        self.records.append(record)
 
 
 async def test_chat_plain_rewrites_model_and_reports_usage(upstream: Upstream, serve_gateway: GatewayFactory) -> None:

@@ -10,9 +10,9 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import GatewayFactory, sdk, upstream_toml
+from tests.conftest import GatewayFactory, Recorder, sdk, upstream_toml
 from tests.fakes.openai_server import FakeOpenAI
-from tests.test_openai_proxy import Recorder, models
+from tests.test_openai_proxy import models
 
 Upstream = tuple[FakeOpenAI, str]
 BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
