@@ -216,10 +216,12 @@ def create_app(
         GatewayRoute("/health/live", _live, rbac.PUBLIC),
         GatewayRoute("/health/ready", _ready(gateway), rbac.PUBLIC),
     ]
+    methods_taken: dict[str, set[str]] = {}  # one path may serve several methods (GET list, POST create)
     for route in core_routes + gateway.routes:
-        if route.path in taken:
+        methods = {m.upper() for m in route.methods}
+        if route.path in taken or methods & methods_taken.get(route.path, set()):
             raise ConfigError(f"two routes claim the path {route.path!r}", key="plugins", file=config.path)
-        taken.add(route.path)
+        methods_taken.setdefault(route.path, set()).update(methods)
         routes.append(Route(route.path, _guarded(gateway, route), methods=list(route.methods), name=route.name))
 
     app = Starlette(

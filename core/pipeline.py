@@ -106,6 +106,9 @@ def error_headers(request_id: str, error: GatewayError) -> list[tuple[bytes, byt
 class ProxyEndpoint:
     """One OpenAI endpoint (chat completions, completions, embeddings) as a plain ASGI app."""
 
+    #: the RBAC permission every proxy endpoint requires (see core/rbac.py)
+    permission = "inference"
+
     def __init__(self, gateway: Gateway, endpoint: Endpoint, ingress: Ingress | None = None) -> None:
         self.gateway = gateway
         self.endpoint: Endpoint = endpoint
@@ -155,7 +158,7 @@ class ProxyEndpoint:
             raise AuthenticationError("Missing or invalid API key; send it as 'Authorization: Bearer <key>'")
         ctx.principal = principal
         ctx.authenticated = True
-        if not rbac.allowed(principal, "inference"):
+        if not rbac.allowed(principal, self.permission):
             raise PermissionDeniedError("This key may not call models")
         body = ctx.body
         validate(self.endpoint, body)
