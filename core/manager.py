@@ -113,7 +113,7 @@ def load_plugins(
 
     eps = _entry_points()
     for group, ep in eps:
-        dist = ep.dist.name if ep.dist is not None else "?"
+        dist = (ep.dist.name if ep.dist is not None else None) or "?"
         builtin = dist.lower() == DIST_NAME
         builtins_found = builtins_found or builtin
         if not builtin and not use_entry_points:

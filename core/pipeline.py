@@ -72,11 +72,22 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
         if chunk:
             size += len(chunk)
             if size > limit:
+                await _drain(receive, limit * 8 - size, message)
                 raise RequestTooLargeError(f"Request body is larger than the {limit} bytes allowed")
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _drain(receive: Receive, budget: int, message: Message) -> None:
+    """Read and drop the rest of an oversized body (up to ``budget`` bytes) so the client, still
+    sending, gets to read the 413 instead of a reset connection."""
+    while message.get("more_body", False) and budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        budget -= len(message.get("body", b""))
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
