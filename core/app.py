@@ -71,7 +71,7 @@ class Gateway:
     readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     draining: bool = False
-    _id_prefix: str = field(default_factory=lambda: _secrets.token_hex(4))
+    _id_prefix: str = field(default_factory=lambda: _secrets.token_hex(8))
     _counter: int = 0
 
     def new_request_id(self) -> str:
