@@ -1,0 +1,1 @@
+"""Built-in ingress plugins: request formats other than OpenAI's (``llmgateway_register_ingress``)."""
