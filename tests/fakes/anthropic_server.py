@@ -119,7 +119,7 @@ class FakeAnthropic:
             )
             return
         self.requests.append(Recorded(path, headers, body))
-        if headers.get("x-api-key") != API_KEY:
+        if headers.get("x-api-key") != API_KEY and headers.get("authorization") != f"Bearer {API_KEY}":
             await self._error(send, 401, "authentication_error", "invalid x-api-key")
             return
         if not headers.get("anthropic-version"):
@@ -321,20 +321,15 @@ class FakeAnthropic:
         self, send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         body = orjson.dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"request-id", f"req_fake{self.counter:04d}".encode()),
-                    (b"anthropic-ratelimit-requests-limit", b"50"),
-                    (b"anthropic-ratelimit-requests-remaining", b"49"),
-                    *(extra or []),
-                ],
-            }
-        )
+        headers = {
+            b"content-type": b"application/json",
+            b"content-length": str(len(body)).encode(),
+            b"request-id": f"req_fake{self.counter:04d}".encode(),
+            b"anthropic-ratelimit-requests-limit": b"50",
+            b"anthropic-ratelimit-requests-remaining": b"49",
+            **dict(extra or []),
+        }
+        await send({"type": "http.response.start", "status": status, "headers": list(headers.items())})
         await send({"type": "http.response.body", "body": body})
 
     async def _error(
