@@ -15,6 +15,8 @@ import openai
 import orjson
 import pytest
 
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.types import Attempt, RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
 from tests.fakes.cohere_server import ANSWER, API_KEY, JSON_ANSWER, THINKING, TOOL_PLAN, FakeCohere, Recorded
 from tests.servers import running
@@ -59,6 +61,22 @@ def config(url: str, *, key: str = API_KEY, options: str = "") -> str:
         for m in MODELS
     )
     return f'[providers.co]\ntype = "cohere"\nbase_url = "{url}"\napi_key = "{key}"\n{options}\n{models}'
+
+
+class Capture:
+    """A test plugin keeping what plugins observe: attempts and usage records."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Attempt] = []
+        self.records: list[UsageRecord] = []
+
+    @hookimpl
+    def llmgateway_upstream_done(self, ctx: RequestContext, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+
+    @hookimpl
+    def llmgateway_record_usage(self, ctx: RequestContext, record: UsageRecord) -> None:
+        self.records.append(record)
 
 
 def last(fake: FakeCohere) -> Recorded:
@@ -401,6 +419,28 @@ async def test_max_tokens_finish_reason(fake_cohere: tuple[FakeCohere, str], ser
         finishes = [c.choices[0].finish_reason async for c in stream if c.choices[0].finish_reason]
     assert answer.choices[0].finish_reason == "length"
     assert finishes == ["length"]
+
+
+async def test_usage_and_limit_headers_reach_accounting(
+    fake_cohere: tuple[FakeCohere, str], serve_gateway: GatewayFactory
+) -> None:
+    _, url = fake_cohere
+    capture = Capture()
+    async with serve_gateway(config(url), plugins={"capture": capture}) as gw, sdk(gw) as client:
+        stream = await client.chat.completions.create(
+            model="command-ok", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        chunks = [c async for c in stream]
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="status-429", messages=[{"role": "user", "content": "Hi"}])
+    assert all(c.usage is None for c in chunks)  # not asked for: not sent ...
+    record = capture.records[0]
+    assert record.usage == Usage(prompt_tokens=11, completion_tokens=9)  # ... but accounted, not estimated
+    assert record.streamed
+    assert record.upstream_model == "command-ok"
+    assert capture.attempts[0].rate_limit_headers["x-trial-endpoint-call-remaining"] == "39"
+    assert capture.attempts[1].rate_limit_headers["retry-after"] == "3"
+    assert capture.attempts[1].status == 429
 
 
 # ---- errors ------------------------------------------------------------------------------------

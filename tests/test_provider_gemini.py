@@ -17,8 +17,10 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.types import RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
-from tests.fakes.gemini_server import ANSWER, API_KEY, JSON_ANSWER, SIGNATURE, FakeGemini, Recorded
+from tests.fakes.gemini_server import ANSWER, API_KEY, JSON_ANSWER, SIGNATURE, THOUGHT, FakeGemini, Recorded
 from tests.servers import running
 
 MODELS = [
@@ -68,6 +70,17 @@ def config(url: str, *, key: str = API_KEY, options: str = "") -> str:
 async def collect_text(stream: Any, into: list[str]) -> None:
     async for chunk in stream:
         into.append(chunk.choices[0].delta.content or "")
+
+
+class Records:
+    """A test plugin keeping the usage records accounting receives."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    @hookimpl
+    def llmgateway_record_usage(self, ctx: RequestContext, record: UsageRecord) -> None:
+        self.records.append(record)
 
 
 def last(fake: FakeGemini) -> Recorded:
@@ -436,7 +449,12 @@ async def test_usage_counts_cached_and_reasoning_tokens(
             stream_options={"include_usage": True},
         )
         chunks = [c async for c in stream]
-    assert answer.choices[0].message.content == ANSWER  # the thought part is not part of the answer
+    assert answer.choices[0].message.content == ANSWER  # the thought part is not part of the answer ...
+    assert answer.choices[0].message.model_extra == {"reasoning_content": THOUGHT}  # ... it is the reasoning
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
+    )
+    assert reasoning == THOUGHT
     for usage in (answer.usage, chunks[-1].usage):
         assert usage is not None
         assert usage.prompt_tokens == 11
@@ -446,6 +464,23 @@ async def test_usage_counts_cached_and_reasoning_tokens(
         assert usage.completion_tokens_details is not None
         assert usage.completion_tokens_details.reasoning_tokens == 7
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+
+
+async def test_streamed_usage_is_accounted_even_when_not_sent(
+    gemini: tuple[FakeGemini, str], serve_gateway: GatewayFactory
+) -> None:
+    _, url = gemini
+    records = Records()
+    async with serve_gateway(config(url), plugins={"records": records}) as gw, sdk(gw) as client:
+        stream = await client.chat.completions.create(
+            model="thinking", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
+        chunks = [c async for c in stream]
+    assert all(c.usage is None for c in chunks)
+    (record,) = records.records
+    assert record.streamed
+    assert record.usage == Usage(prompt_tokens=11, completion_tokens=16, cached_tokens=4, reasoning_tokens=7)
+    assert record.upstream_model == "thinking-001"
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ Translation, OpenAI → Gemini:
   frequency penalties → ``generationConfig``; ``reasoning_effort`` → ``thinkingConfig.thinkingBudget``.
 
 Gemini → OpenAI: candidates become choices; function calls (which Gemini sends whole) become
-``tool_calls`` with the upstream id or a generated one; a function call's ``thoughtSignature`` is
+``tool_calls`` with the upstream id or a generated one; thought parts (sent when thoughts are
+included) become ``reasoning_content``; a function call's ``thoughtSignature`` is
 carried inside the tool call id and sent back when the client returns it in history (Gemini 3
 requires it). ``usageMetadata`` → usage (cached from ``cachedContentTokenCount``, reasoning from
 ``thoughtsTokenCount``, which also counts as completion tokens, as OpenAI does).
@@ -495,17 +496,19 @@ class GeminiProvider(Provider):
             raise UpstreamProtocolError(f"Provider '{self.name}' sent a non-object response", provider=self.name)
         return data
 
-    def _candidate(self, candidate: Mapping[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
+    def _candidate(self, candidate: Mapping[str, Any]) -> tuple[str | None, list[dict[str, Any]], str | None]:
+        """(content, tool calls, reasoning) of one candidate; thought parts are the reasoning."""
         texts: list[str] = []
+        thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
         for part in (candidate.get("content") or {}).get("parts") or ():
             if "functionCall" in part:
                 call_id, name, arguments = _function_call(part)
                 calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
-            elif "text" in part and not part.get("thought"):
-                texts.append(str(part["text"]))
+            elif "text" in part:
+                (thoughts if part.get("thought") else texts).append(str(part["text"]))
         text = "".join(texts)
-        return (text if text or not calls else None), calls
+        return (text if text or not calls else None), calls, "".join(thoughts) or None
 
     async def chat(self, call: UpstreamCall) -> dict[str, Any]:
         self._check(call)
@@ -514,17 +517,17 @@ class GeminiProvider(Provider):
         call.upstream_model = str(data.get("modelVersion") or call.deployment.model)
         with map_upstream_errors(self.name, self.secrets):
             candidates = sorted(data.get("candidates") or (), key=lambda c: int(c.get("index") or 0))
-            choices: list[tuple[str | None, list[dict[str, Any]], str]] = []
+            choices: list[tuple[str | None, list[dict[str, Any]], str, str | None]] = []
             for candidate in candidates:
-                text, calls = self._candidate(candidate)
-                choices.append((text, calls, finish_reason(candidate.get("finishReason"), bool(calls))))
+                text, calls, reasoning = self._candidate(candidate)
+                choices.append((text, calls, finish_reason(candidate.get("finishReason"), bool(calls)), reasoning))
         if not choices:
             blocked = (data.get("promptFeedback") or {}).get("blockReason")
-            choices.append((None, [], "content_filter" if blocked else "stop"))
+            choices.append((None, [], "content_filter" if blocked else "stop", None))
         usage = usage_from(data.get("usageMetadata"))
         if usage is None:
             chars = sum(
-                len(text or "") + sum(len(c["function"]["arguments"]) for c in calls) for text, calls, _ in choices
+                len(text or "") + sum(len(c["function"]["arguments"]) for c in calls) for text, calls, _, _ in choices
             )
             usage = Usage(
                 prompt_tokens=estimate_prompt_tokens(call.body),
@@ -534,14 +537,22 @@ class GeminiProvider(Provider):
         call.usage = usage
         call.finish_reason = choices[0][2]
         completion_id = "chatcmpl-" + str(data.get("responseId") or call.ctx.request_id)
-        text, calls, finish = choices[0]
+        text, calls, finish, reasoning = choices[0]
         out = chat_completion(
-            completion_id, call.alias, content=text, finish_reason=finish, usage=usage, tool_calls=calls or None
+            completion_id,
+            call.alias,
+            content=text,
+            finish_reason=finish,
+            usage=usage,
+            tool_calls=calls or None,
+            reasoning=reasoning,
         )
-        for index, (text, calls, finish) in enumerate(choices[1:], start=1):
+        for index, (text, calls, finish, reasoning) in enumerate(choices[1:], start=1):
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             if calls:
                 message["tool_calls"] = calls
+            if reasoning:
+                message["reasoning_content"] = reasoning
             out["choices"].append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
         return out
 
@@ -652,9 +663,12 @@ class GeminiProvider(Provider):
             if content:
                 for part in content.get("parts") or ():
                     if "text" in part:
-                        if part["text"] and not part.get("thought"):
+                        if part["text"]:
                             state.chars += len(part["text"])
-                            frames.append(writer.content(part["text"]))
+                            if part.get("thought"):
+                                frames.append(writer.reasoning(part["text"]))
+                            else:
+                                frames.append(writer.content(part["text"]))
                     elif "functionCall" in part:
                         call_id, name, arguments = _function_call(part)
                         tool_index = state.tools.get(index, 0)

@@ -16,7 +16,7 @@ Behaviour is scripted by model name:
 * ``tools``: one ``functionCall`` get_weather {"city": "Paris", "unit": "c"} with a thoughtSignature.
 * ``tools-parallel``: two calls, get_weather Paris and get_time Tokyo.
 * ``json``: answers ``{"city": "Paris", "temperature": 21}``.
-* ``thinking``: a thought part (must not reach the client) then the answer; usage with
+* ``thinking``: a thought part (reasoning, not content) then the answer; usage with
   thoughtsTokenCount 7 and cachedContentTokenCount 4.
 * ``length`` / ``safety``: finishReason MAX_TOKENS / SAFETY.
 * ``blocked``: no candidates, ``promptFeedback.blockReason = SAFETY``.
@@ -40,6 +40,7 @@ API_KEY = "gemini-test-key"
 ANSWER = "The quick brown fox jumps over the lazy dog."
 SIGNATURE = "c2lnbmF0dXJlLW9mLWEtdGhvdWdodA=="
 JSON_ANSWER = '{"city": "Paris", "temperature": 21}'
+THOUGHT = "Let me think about foxes."
 
 _STATUS = {
     400: "INVALID_ARGUMENT",
@@ -246,7 +247,7 @@ class FakeGemini:
                 for i in range(0, len(words), 3)
             ]
             if model == "thinking":
-                pieces.insert(0, [{"text": "Let me think about foxes.", "thought": True}])
+                pieces.insert(0, [{"text": THOUGHT, "thought": True}])
         if not streamed:
             pieces = [_merged([part for chunk in pieces for part in chunk])]
         chunks: list[dict[str, Any]] = []
