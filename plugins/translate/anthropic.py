@@ -24,7 +24,8 @@ Choices worth knowing (each is also stated where it is made):
 * Usage: OpenAI's ``prompt_tokens`` includes cached tokens; Anthropic's ``input_tokens`` does not.
   ``prompt_tokens = input_tokens + cache_read_input_tokens + cache_creation_input_tokens`` and
   ``cached_tokens = cache_read_input_tokens`` (and back the other way on ingress).
-* Ingress: ``thinking`` and thinking blocks are dropped (they need signatures only Anthropic can
+* Ingress: ``output_config.format`` (structured outputs) becomes ``response_format`` json_schema;
+  ``output_config.effort``, ``thinking`` and thinking blocks are dropped (they need signatures only Anthropic can
   make); tool results that hold images are followed by a user message carrying those images;
   ``is_error`` on a tool result is prefixed to its text as ``"Error: "``.
 """
@@ -650,6 +651,15 @@ def anthropic_to_openai(body: dict[str, Any], *, require_max_tokens: bool = True
     for name in ("temperature", "top_p", "top_k"):
         if body.get(name) is not None:
             out[name] = body[name]
+    output_format = _obj(body.get("output_config")).get("format")
+    if output_format is not None:
+        schema = _obj(output_format).get("schema")
+        if _obj(output_format).get("type") != "json_schema" or not isinstance(schema, dict):
+            raise InvalidRequestError(
+                'output_config.format: must be {"type": "json_schema", "schema": {...}}',
+                param="output_config.format",
+            )
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         out["user"] = metadata["user_id"]
