@@ -15,6 +15,9 @@ import openai
 import orjson
 import pytest
 
+from llmgateway.core.app import create_app
+from llmgateway.core.config import parse_config
+from llmgateway.core.errors import ConfigError
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.types import Attempt, RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
@@ -523,6 +526,16 @@ async def test_n_is_refused_unless_dropped(fake_cohere: tuple[FakeCohere, str], 
         )
     assert answer.choices[0].message.content == ANSWER
     assert "n" not in last(fake).body
+
+
+def test_config_errors_name_the_key() -> None:
+    base = '[providers.co]\ntype = "cohere"\napi_key = "k"\n'
+    with pytest.raises(ConfigError) as bad_mode:
+        create_app(parse_config(base + 'safety_mode = "LAX"\n'))
+    with pytest.raises(ConfigError) as unknown:
+        create_app(parse_config(base + 'embed_input = "search_query"\n'))
+    assert bad_mode.value.key == "providers.co.safety_mode"
+    assert unknown.value.key == "providers.co.embed_input"
 
 
 # ---- embeddings --------------------------------------------------------------------------------

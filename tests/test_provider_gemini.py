@@ -17,6 +17,9 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
+from llmgateway.core.app import create_app
+from llmgateway.core.config import parse_config
+from llmgateway.core.errors import ConfigError
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.types import RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
@@ -35,6 +38,7 @@ MODELS = [
     "cut",
     "mid-error",
     "status-400",
+    "status-401",
     "status-403",
     "status-404",
     "status-413",
@@ -180,6 +184,8 @@ async def test_plain_chat_translates_system_history_and_parameters(
             stop=["END"],
             seed=7,
             presence_penalty=0.5,
+            reasoning_effort="low",
+            extra_body={"top_k": 40},
         )
     assert answer.model == "gemini-ok"
     assert answer.choices[0].message.content == ANSWER
@@ -203,6 +209,8 @@ async def test_plain_chat_translates_system_history_and_parameters(
         "stopSequences": ["END"],
         "seed": 7,
         "presencePenalty": 0.5,
+        "topK": 40,
+        "thinkingConfig": {"thinkingBudget": 1024},
     }
 
 
@@ -510,6 +518,7 @@ async def test_finish_reasons(
     ("model", "error", "status"),
     [
         ("status-400", openai.BadRequestError, 400),
+        ("status-401", openai.AuthenticationError, 401),
         ("status-403", openai.PermissionDeniedError, 403),
         ("status-404", openai.NotFoundError, 404),
         ("status-413", openai.APIStatusError, 413),
@@ -585,6 +594,38 @@ async def test_unsupported_parameter_is_refused_unless_dropped(
             model="gemini-ok", messages=[{"role": "user", "content": "Hi"}], logit_bias={"42": 1}
         )
     assert answer.choices[0].message.content == ANSWER
+
+
+async def test_bad_requests_are_refused_before_reaching_gemini(
+    gemini: tuple[FakeGemini, str], serve_gateway: GatewayFactory
+) -> None:
+    fake, url = gemini
+    async with serve_gateway(config(url)) as gw, sdk(gw) as client:
+        with pytest.raises(openai.BadRequestError) as orphan:
+            await client.chat.completions.create(
+                model="gemini-ok",
+                messages=[{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "nope", "content": "x"}],
+            )
+        with pytest.raises(openai.BadRequestError) as media:
+            await client.chat.completions.create(
+                model="gemini-ok",
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}],
+            )
+    assert orphan.value.param == "messages"
+    assert "nope" in orphan.value.message
+    assert media.value.param == "messages"
+    assert not fake.requests
+
+
+def test_config_errors_name_the_key() -> None:
+    base = '[providers.gem]\ntype = "gemini"\napi_key = "k"\n'
+    with pytest.raises(ConfigError) as bad_mode:
+        create_app(parse_config(base + 'schema_mode = "yaml"\n'))
+    with pytest.raises(ConfigError) as unknown:
+        create_app(parse_config(base + 'shcema_mode = "openapi"\n'))
+    assert bad_mode.value.key == "providers.gem.schema_mode"
+    assert unknown.value.key == "providers.gem.shcema_mode"
+    assert "schema_mode" in str(unknown.value)  # the suggestion
 
 
 # ---- embeddings --------------------------------------------------------------------------------
