@@ -1,14 +1,20 @@
 """Plugin ``auth``: the master key and anonymous access (``[auth]``).
 
-``master_key`` (use ``${ENV}``) grants the admin role. ``allow_anonymous`` lets requests without
-a key through as the anonymous user — the default only when no master key is set, so the demo
-config answers without keys while any configured deployment is locked by default. Virtual keys and
-JWT are separate plugins that run before this one.
+``master_key`` (use ``${ENV}``; ``$LLMGATEWAY_MASTER_KEY`` when the config sets none) grants the
+admin role. ``allow_anonymous`` lets requests without a key through as the anonymous user — the
+default only when no master key is set, so the demo config answers without keys while any
+configured deployment is locked by default. Virtual keys (``[auth.keys]``) and JWT (``[auth.jwt]``)
+are separate plugins that run before this one; this one runs last.
+
+Keys are compared as SHA-256 digests with :func:`hmac.compare_digest` (constant time, whatever the
+length of what was sent).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import os
 
 from llmgateway.core.config import GatewayConfig
 from llmgateway.core.errors import AuthenticationError
@@ -16,6 +22,7 @@ from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.types import ANONYMOUS, Principal, RequestContext
 
 MASTER = Principal(kind="master", roles=frozenset({"admin", "user"}), key_id="master")
+MASTER_KEY_ENV = "LLMGATEWAY_MASTER_KEY"
 
 
 def bearer_token(ctx: RequestContext) -> str | None:
@@ -30,18 +37,22 @@ def bearer_token(ctx: RequestContext) -> str | None:
     return headers.get("x-api-key") or headers.get("api-key") or None
 
 
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
 class AuthPlugin:
     def __init__(self) -> None:
-        self.master_key: bytes | None = None
+        self.master_digest: bytes | None = None
         self.allow_anonymous = True
 
     @hookimpl
     def llmgateway_configure(self, config: GatewayConfig) -> None:
         section = config.section("auth")
-        master = section.opt_string("master_key")
+        master = section.opt_string("master_key") or os.environ.get(MASTER_KEY_ENV) or None
         if master is not None and len(master) < 8:
             raise section.error("master_key", "must be at least 8 characters long")
-        self.master_key = master.encode() if master else None
+        self.master_digest = digest(master) if master else None
         self.allow_anonymous = section.boolean("allow_anonymous", master is None)
         section._read.update({"keys", "jwt"})  # sub-tables read by the keys and jwt plugins
         section.check_unknown()
@@ -53,7 +64,7 @@ class AuthPlugin:
             if self.allow_anonymous:
                 return ANONYMOUS
             raise AuthenticationError("Missing API key; send it as 'Authorization: Bearer <key>'")
-        if self.master_key is not None and hmac.compare_digest(token.encode(), self.master_key):
+        if self.master_digest is not None and hmac.compare_digest(digest(token), self.master_digest):
             return MASTER
         if self.allow_anonymous:
             return ANONYMOUS

@@ -1,0 +1,435 @@
+"""Plugin ``budgets``: spend limits per virtual key, user and team, per period (``[budgets]``).
+
+Budgets come from the rows (``budget_usd`` and ``budget_period``: daily, weekly, monthly — UTC
+calendar periods, weeks starting Monday — or total), else from ``[budgets.defaults.key|user|team]``.
+
+Before the provider is called, the request's *maximum* cost is reserved in every budget that applies:
+prompt estimate * input price + max output tokens * output price, for the most expensive deployment
+it may reach (routed candidates and fallbacks; a deployment without prices reserves 0; max output
+tokens from the request, else the deployment's ``max_output_tokens``, else
+``default_max_output_tokens``). The reservation is all-or-nothing and atomic (a Lua script in Redis,
+or one synchronous step in process memory); if it would take any budget past its limit the request
+is refused — 429 ``insufficient_quota`` — so concurrent requests can never overspend. When the
+request ends (``ctx.on_finish``: success, error or disconnect) the reservation is replaced by the
+real cost (``ctx.cost``).
+
+Spend is counted in integer nano-dollars. It survives restarts: Redis keeps it (one hash per budget
+and period); the memory backend — and Redis when a period's counter is missing — starts from the sum
+of the period's usage rows. Reservations in Redis are leases: a replica that dies holding one
+frees it after ``lease_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from llmgateway.core.config import GatewayConfig, Section
+from llmgateway.core.errors import BudgetExceededError
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.provider import estimate_prompt_tokens
+from llmgateway.core.types import Deployment, ModelGroup, RequestContext
+
+from .limits import IdentityLimits, Limits, LimitsResolver, orm_ready
+from .redis_util import make_redis, redis_errors
+
+if TYPE_CHECKING:
+    from llmgateway.core.app import Gateway
+
+log = logging.getLogger("llmgateway.security.budgets")
+
+PERIODS = ("daily", "weekly", "monthly", "total")
+NANO = 1_000_000_000
+
+
+def to_nano(usd: float) -> int:
+    """USD as integer nano-dollars; float noise (0.01 → 10000000.000000002) does not round up."""
+    value = usd * NANO
+    nearest = round(value)
+    return int(nearest) if abs(value - nearest) < 1e-3 else math.ceil(value)
+
+
+def period_bounds(period: str, now: datetime) -> tuple[str, datetime | None, datetime | None]:
+    """(id, start, end) of the period containing ``now`` (UTC); total has neither start nor end."""
+    if period == "daily":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return f"d{start:%Y%m%d}", start, start + timedelta(days=1)
+    if period == "weekly":
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        start = day - timedelta(days=day.weekday())
+        return f"w{start:%Y%m%d}", start, start + timedelta(days=7)
+    if period == "monthly":
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return f"m{start:%Y%m}", start, end
+    return "total", None, None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    level: str  # "key" | "user" | "team"
+    ident: str
+    limit: int  # nano-dollars
+    period: str
+    period_id: str
+    start: datetime | None
+    end: datetime | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.level}:{self.ident}:{self.period_id}"
+
+
+def reservation_for(ctx: RequestContext, deployments: list[Deployment], default_max_output: int) -> int:
+    """The most a request may cost, in nano-dollars, over the deployments it may reach."""
+    prompt = estimate_prompt_tokens(ctx.body)
+    requested = ctx.max_output_tokens()
+    worst = 0
+    for d in deployments:
+        if d.input_price is None and d.output_price is None:
+            continue
+        output = requested or d.max_output_tokens or default_max_output
+        # prices are USD per million tokens: one token at price p costs p * 1000 nano-dollars
+        cost = prompt * (d.input_price or 0.0) * 1000 + output * (d.output_price or 0.0) * 1000
+        worst = max(worst, to_nano(cost / NANO))
+    return worst
+
+
+# ---- the memory backend ---------------------------------------------------------------------
+
+
+class MemoryBudgets:
+    def __init__(self) -> None:
+        self.counters: dict[str, list[int]] = {}  # budget name -> [spent, reserved]
+
+    def has(self, budget: Budget) -> bool:
+        return budget.name in self.counters
+
+    def seed(self, budget: Budget, spent: int) -> None:
+        self.counters.setdefault(budget.name, [spent, 0])
+
+    def reserve(self, budgets: list[Budget], amount: int) -> tuple[Budget, int] | None:
+        """Reserve ``amount`` in every budget, or return (the budget that has no room, its use)."""
+        for budget in budgets:
+            spent, reserved = self.counters.setdefault(budget.name, [0, 0])
+            if spent + reserved + amount > budget.limit:
+                return budget, spent
+        for budget in budgets:
+            self.counters[budget.name][1] += amount
+        return None
+
+    def settle(self, budgets: list[Budget], amount: int, cost: int) -> None:
+        for budget in budgets:
+            counter = self.counters.setdefault(budget.name, [0, 0])
+            counter[1] = max(0, counter[1] - amount)
+            counter[0] += cost
+
+    def spent(self, budget: Budget) -> int:
+        return self.counters.get(budget.name, [0, 0])[0]
+
+
+# ---- the Redis backend ----------------------------------------------------------------------
+
+RESERVE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member, amount, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = #KEYS / 2
+for i = 1, n do
+  local h, leases = KEYS[2*i-1], KEYS[2*i]
+  if redis.call('HEXISTS', h, 'seeded') == 0 then return {-1, i, 0} end
+  while true do
+    local old = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 500)
+    if #old == 0 then break end
+    for j = 1, #old do
+      local f = 'r:' .. old[j]
+      local held = tonumber(redis.call('HGET', h, f) or '0')
+      if held ~= 0 then redis.call('HINCRBY', h, 'reserved', -held) end
+      redis.call('HDEL', h, f)
+    end
+    redis.call('ZREM', leases, unpack(old))
+  end
+  local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
+  local reserved = tonumber(redis.call('HGET', h, 'reserved') or '0')
+  if spent + reserved + amount > tonumber(ARGV[3 + i]) then return {0, i, spent} end
+end
+for i = 1, n do
+  local h, leases = KEYS[2*i-1], KEYS[2*i]
+  redis.call('HINCRBY', h, 'reserved', amount)
+  redis.call('HSET', h, 'r:' .. member, amount)
+  redis.call('ZADD', leases, now + lease, member)
+end
+return {1, 0, 0}
+"""
+
+SETTLE_LUA = """
+local member, cost = ARGV[1], tonumber(ARGV[2])
+local n = #KEYS / 2
+for i = 1, n do
+  local h, leases = KEYS[2*i-1], KEYS[2*i]
+  local f = 'r:' .. member
+  local held = redis.call('HGET', h, f)
+  if held then
+    redis.call('HINCRBY', h, 'reserved', -tonumber(held))
+    redis.call('HDEL', h, f)
+  end
+  redis.call('ZREM', leases, member)
+  if cost ~= 0 then redis.call('HINCRBY', h, 'spent', cost) end
+end
+return 1
+"""
+
+SEED_LUA = """
+if redis.call('HSETNX', KEYS[1], 'seeded', 1) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'spent', tonumber(ARGV[1]))
+  redis.call('HINCRBY', KEYS[1], 'reserved', 0)
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+
+
+class RedisBudgets:
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._reserve = client.register_script(RESERVE_LUA)
+        self._settle = client.register_script(SETTLE_LUA)
+        self._seed = client.register_script(SEED_LUA)
+
+    def _keys(self, budget: Budget) -> list[str]:
+        base = f"{self.prefix}budget:{budget.name}"
+        return [base, f"{base}:leases"]
+
+    async def reserve(self, budgets: list[Budget], member: str, amount: int, lease_ms: int) -> tuple[int, int, int]:
+        keys: list[str] = []
+        for budget in budgets:
+            keys += self._keys(budget)
+        result = await self._reserve(keys=keys, args=[member, amount, lease_ms, *[b.limit for b in budgets]])
+        return int(result[0]), int(result[1]), int(result[2])
+
+    async def seed(self, budget: Budget, spent: int) -> None:
+        ttl = 0
+        if budget.end is not None:
+            ttl = int((budget.end - datetime.now(UTC)).total_seconds()) + 7 * 86400
+        await self._seed(keys=self._keys(budget), args=[spent, max(ttl, 0)])
+
+    async def settle(self, budgets: list[Budget], member: str, cost: int) -> None:
+        keys: list[str] = []
+        for budget in budgets:
+            keys += self._keys(budget)
+        await self._settle(keys=keys, args=[member, cost])
+
+
+async def spent_from_usage(budget: Budget) -> int:
+    """The period's spend so far according to the usage rows (0 without a database)."""
+    if not orm_ready():
+        return 0
+    from tortoise.functions import Sum
+
+    from llmgateway.plugins.storage.models import UsageRecord
+
+    filters: dict[str, Any] = {f"{budget.level}_id": budget.ident}
+    if budget.start is not None:
+        filters["created_at__gte"] = budget.start
+    rows = await UsageRecord.filter(**filters).annotate(total=Sum("cost")).values("total")
+    total = rows[0]["total"] if rows else None
+    return to_nano(float(total)) if total is not None else 0
+
+
+def _default(section: Section) -> tuple[float | None, str]:
+    usd = section.opt_number("usd", minimum=0)
+    period = section.choice("period", PERIODS, "monthly")
+    section.check_unknown()
+    return usd, period
+
+
+# ---- the plugin -----------------------------------------------------------------------------
+
+
+class BudgetsPlugin:
+    def __init__(self) -> None:
+        self.backend_name = "memory"
+        self.redis_url: str | None = None
+        self.key_prefix = "llmgateway:"
+        self.redis_timeout = 0.25
+        self.redis_max_connections = 256
+        self.on_redis_error = "local"
+        self.redis_retry_interval = 5.0
+        self.default_max_output_tokens = 4096
+        self.seed_from_usage = True
+        self.lease_ms = 0
+        self.defaults: dict[str, tuple[float | None, str]] = {}
+        self.memory = MemoryBudgets()
+        self.redis: RedisBudgets | None = None
+        self._client: Any = None
+        self._redis_down_until = 0.0
+        self._seed_locks: dict[str, asyncio.Lock] = {}
+        self.resolver = LimitsResolver()
+        self._models: dict[str, ModelGroup] = {}
+        self.stats: dict[str, int] = {"redis_errors": 0, "local_fallbacks": 0, "refused": 0}
+
+    @hookimpl
+    def llmgateway_configure(self, config: GatewayConfig) -> None:
+        section = config.section("budgets")
+        self.backend_name = section.choice("backend", ("memory", "redis"), "memory")
+        self.redis_url = section.opt_string("redis_url")
+        if self.backend_name == "redis" and not self.redis_url:
+            raise section.error("redis_url", 'is required when backend = "redis"')
+        self.key_prefix = section.string("key_prefix", "llmgateway:")
+        self.redis_timeout = section.number("redis_timeout", 0.25, minimum=0.001)
+        self.redis_max_connections = section.integer("redis_max_connections", 256, minimum=1)
+        self.on_redis_error = section.choice("on_redis_error", ("local", "allow"), "local")
+        self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
+        self.default_max_output_tokens = section.integer("default_max_output_tokens", 4096, minimum=1)
+        self.seed_from_usage = section.boolean("seed_from_usage", True)
+        lease = section.opt_number("lease_seconds", minimum=1)
+        self.lease_ms = int((lease if lease is not None else config.server.request_timeout + 60) * 1000)
+        defaults = section.table("defaults")
+        self.defaults = {level: _default(defaults.table(level)) for level in ("key", "user", "team")}
+        defaults.check_unknown()
+        section.check_unknown()
+
+    @hookimpl
+    async def llmgateway_startup(self, gateway: Gateway) -> None:
+        gateway.state["budgets.stats"] = self.stats
+        self._models = gateway.models
+        if self.backend_name == "redis" and self.redis_url:
+            self._client = make_redis(
+                self.redis_url, timeout=self.redis_timeout, max_connections=self.redis_max_connections
+            )
+            self.redis = RedisBudgets(self._client, self.key_prefix)
+
+    @hookimpl
+    async def llmgateway_shutdown(self, gateway: Gateway) -> None:
+        if self._client is not None:
+            await self._client.aclose(close_connection_pool=True)
+            self._client = None
+            self.redis = None
+
+    def budgets(self, ctx: RequestContext, limits: IdentityLimits) -> list[Budget]:
+        principal = ctx.principal
+        now = datetime.now(UTC)
+        levels: list[tuple[str, str | None, Limits | None]] = [
+            ("key", principal.key_id if principal.kind == "virtual_key" else None, limits.key),
+            ("user", principal.user_id, limits.user),
+            ("team", principal.team_id, limits.team),
+        ]
+        out: list[Budget] = []
+        for level, ident, row in levels:
+            if not ident:
+                continue
+            usd, period = (row.budget_usd, row.budget_period) if row is not None else (None, "monthly")
+            if usd is None:
+                usd, period = self.defaults[level]
+            if usd is None:
+                continue
+            if period not in PERIODS:
+                period = "monthly"
+            period_id, start, end = period_bounds(period, now)
+            out.append(Budget(level, ident, to_nano(usd), period, period_id, start, end))
+        return out
+
+    @hookimpl
+    async def llmgateway_check_limits(self, ctx: RequestContext) -> None:
+        budgets = self.budgets(ctx, await self.resolver.get(ctx))
+        if not budgets:
+            return
+        deployments = list(ctx.candidates)
+        group = ctx.model_group
+        if group is not None:
+            for name in group.fallbacks:  # fallback aliases may be reached too: their prices count
+                other = self._models.get(name)
+                if other is not None:
+                    deployments += other.deployments
+        amount = reservation_for(ctx, deployments, self.default_max_output_tokens)
+        member = ctx.request_id
+        backend = await self._reserve(budgets, member, amount)
+
+        async def settle(ctx: RequestContext) -> None:
+            cost = to_nano(ctx.cost) if ctx.cost and ctx.attempts else 0
+            if backend == "redis" and self.redis is not None:
+                try:
+                    await self.redis.settle(budgets, member, cost)
+                    return
+                except redis_errors() as exc:
+                    self._redis_failed(exc)
+            self.memory.settle(budgets, amount if backend == "local" else 0, cost)
+
+        ctx.on_finish.append(settle)
+
+    async def _reserve(self, budgets: list[Budget], member: str, amount: int) -> str:
+        redis = self.redis
+        if redis is not None and time.monotonic() >= self._redis_down_until:
+            try:
+                for _ in range(len(budgets) + 1):
+                    status, index, spent = await redis.reserve(budgets, member, amount, self.lease_ms)
+                    if status == 1:
+                        return "redis"
+                    budget = budgets[index - 1]
+                    if status == 0:
+                        self._refuse(budget, spent, amount)
+                    await redis.seed(budget, await self._spent_from_usage(budget))  # status -1: a new period
+                self._redis_failed(RuntimeError("budget counters vanished while being initialised"))
+            except redis_errors() as exc:
+                self._redis_failed(exc)
+        if redis is not None:
+            if self.on_redis_error == "allow":
+                return "none"
+            self.stats["local_fallbacks"] += 1
+        for budget in budgets:
+            if not self.memory.has(budget):
+                lock = self._seed_locks.setdefault(budget.name, asyncio.Lock())
+                async with lock:
+                    if not self.memory.has(budget):
+                        self.memory.seed(budget, await self._spent_from_usage(budget))
+                self._seed_locks.pop(budget.name, None)
+        refused = self.memory.reserve(budgets, amount)
+        if refused is not None:
+            self._refuse(refused[0], refused[1], amount)
+        return "local"
+
+    async def _spent_from_usage(self, budget: Budget) -> int:
+        if not self.seed_from_usage:
+            return 0
+        try:
+            return await spent_from_usage(budget)
+        except Exception as exc:
+            log.warning("could not read past spend for %s: %s", budget.name, type(exc).__name__)
+            return 0
+
+    def _refuse(self, budget: Budget, spent: int, amount: int) -> None:
+        self.stats["refused"] += 1
+        limit_usd = budget.limit / NANO
+        per = {"daily": "per day", "weekly": "per week", "monthly": "per month"}.get(budget.period, "in total")
+        retry_after: float | None = None
+        if spent + amount <= budget.limit:
+            retry_after = 1.0  # only in-flight reservations are in the way
+        elif budget.end is not None:
+            retry_after = max(1.0, (budget.end - datetime.now(UTC)).total_seconds())
+        raise BudgetExceededError(
+            f"Budget exceeded for this {budget.level} (${limit_usd:,.2f} {per}; "
+            f"${spent / NANO:,.4f} spent, this request may cost up to ${amount / NANO:,.4f})",
+            retry_after=retry_after,
+        )
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self.stats["redis_errors"] += 1
+        now = time.monotonic()
+        if now >= self._redis_down_until:
+            log.warning(
+                "budgets: Redis failed (%s); using %s budgets for %.0fs",
+                type(exc).__name__,
+                "local" if self.on_redis_error == "local" else "no",
+                self.redis_retry_interval,
+            )
+        self._redis_down_until = now + self.redis_retry_interval

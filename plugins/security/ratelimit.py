@@ -1,0 +1,562 @@
+"""Plugin ``ratelimit``: requests per minute, tokens per minute and concurrent requests (``[ratelimit]``).
+
+Scopes: the virtual key, its user, its team (limits from their rows, else ``[ratelimit.defaults.*]``)
+and the model alias (``[ratelimit.models."alias"]``, else the sum of its deployments' ``rpm`` /
+``tpm`` when every deployment has one, else ``[ratelimit.defaults.model]``). A request is admitted
+only if every scope has room, and then counts in all of them — atomically.
+
+Windows slide: a scope admits at most ``rpm`` requests (and ``tpm`` tokens) in any 60 seconds, kept
+as a log of request ids with their times and token counts. Tokens are reserved at admission (prompt
+estimate + ``max_tokens``) and corrected to the real usage when the request ends; concurrency slots
+are leases released when the request ends (``ctx.on_finish`` runs even on disconnect) and expire
+after ``lease_seconds`` should a replica die holding them.
+
+Backends: ``memory`` (one process) and ``redis`` — one Lua script per admission, using the Redis
+server's clock, so N replicas together admit exactly the limit. Redis gets short connect/read
+timeouts; when it fails, ``on_redis_error = "local"`` (default) enforces the limits in this process
+alone, ``"allow"`` admits; either way the failure is counted in ``stats`` and Redis is tried again
+after ``redis_retry_interval`` seconds. A Redis failure never becomes a 5xx.
+
+Responses carry OpenAI's headers: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests``,
+``x-ratelimit-reset-requests`` (and ``-tokens``), for the tightest scope; a refusal is a 429
+``rate_limit_exceeded`` with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmgateway.core.config import GatewayConfig, Section
+from llmgateway.core.errors import RateLimitError
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.provider import estimate_prompt_tokens
+from llmgateway.core.types import RequestContext
+
+from .limits import IdentityLimits, Limits, LimitsResolver
+from .redis_util import make_redis, redis_errors
+
+if TYPE_CHECKING:
+    from llmgateway.core.app import Gateway
+
+log = logging.getLogger("llmgateway.security.ratelimit")
+
+WINDOW_MS = 60_000
+NONE = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.rpm is None and self.tpm is None and self.max_parallel is None
+
+    def over(self, fallback: Rule) -> Rule:
+        """This rule, with the fallback's value wherever this one has none."""
+        return Rule(
+            rpm=self.rpm if self.rpm is not None else fallback.rpm,
+            tpm=self.tpm if self.tpm is not None else fallback.tpm,
+            max_parallel=self.max_parallel if self.max_parallel is not None else fallback.max_parallel,
+        )
+
+    @classmethod
+    def of(cls, limits: Limits | None) -> Rule:
+        if limits is None:
+            return cls()
+        return cls(limits.rpm, limits.tpm, limits.max_parallel)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    name: str  # "key:<id>", "user:<id>", "team:<id>", "model:<alias>"
+    rule: Rule
+    tokens: int
+
+    @property
+    def logs(self) -> bool:
+        return self.rule.rpm is not None or self.rule.tpm is not None
+
+
+@dataclass(slots=True)
+class Verdict:
+    admitted: bool
+    scope: str = ""
+    what: str = ""  # "requests" | "tokens" | "parallel"
+    wait_ms: int = 0
+    limit: int = 0
+    # per scope (same order), when admitted: remaining requests, reset ms, remaining tokens, reset ms
+    remaining: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+def format_reset(ms: int) -> str:
+    """A duration as OpenAI writes it: ``20ms``, ``1s``, ``6m0s``, ``59.5s``."""
+    ms = max(0, int(ms))
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
+
+
+# ---- the memory backend ---------------------------------------------------------------------
+
+
+class _Log:
+    __slots__ = ("conc", "entries", "total")
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[str, list[int]] = OrderedDict()  # member -> [time ms, tokens]
+        self.total = 0
+        self.conc: dict[str, int] = {}  # member -> lease expiry ms
+
+    def purge(self, now: int) -> None:
+        entries = self.entries
+        while entries:
+            stamp, tokens = next(iter(entries.values()))
+            if stamp > now - WINDOW_MS:
+                break
+            entries.popitem(last=False)
+            self.total -= tokens
+
+
+class MemoryBackend:
+    """Exact within one process: every check-and-add runs without awaiting."""
+
+    def __init__(self) -> None:
+        self.scopes: dict[str, _Log] = {}
+
+    @staticmethod
+    def now() -> int:
+        return int(time.monotonic() * 1000)
+
+    def admit(self, member: str, scopes: list[Scope], lease_ms: int) -> Verdict:
+        now = self.now()
+        logs = []
+        for scope in scopes:
+            entry = self.scopes.get(scope.name)
+            if entry is None:
+                entry = self.scopes[scope.name] = _Log()
+            logs.append(entry)
+            rule = scope.rule
+            if scope.logs:
+                entry.purge(now)
+                count = len(entry.entries)
+                if rule.rpm is not None and count + 1 > rule.rpm:
+                    stamps = list(entry.entries.values())
+                    index = count - rule.rpm
+                    wait = stamps[index][0] + WINDOW_MS - now if 0 <= index < len(stamps) else WINDOW_MS
+                    return Verdict(False, scope.name, "requests", wait, rule.rpm)
+                if rule.tpm is not None and entry.total + scope.tokens > rule.tpm:
+                    wait = WINDOW_MS
+                    if scope.tokens <= rule.tpm:
+                        need = entry.total + scope.tokens - rule.tpm
+                        freed = 0
+                        for stamp, tokens in entry.entries.values():
+                            freed += tokens
+                            if freed >= need:
+                                wait = stamp + WINDOW_MS - now
+                                break
+                    return Verdict(False, scope.name, "tokens", wait, rule.tpm)
+            if rule.max_parallel is not None:
+                for lease_member in [m for m, until in entry.conc.items() if until <= now]:
+                    del entry.conc[lease_member]
+                if len(entry.conc) + 1 > rule.max_parallel:
+                    return Verdict(False, scope.name, "parallel", 1000, rule.max_parallel)
+        verdict = Verdict(True)
+        for scope, entry in zip(scopes, logs, strict=True):
+            rule = scope.rule
+            if scope.logs:
+                entry.entries[member] = [now, scope.tokens]
+                entry.total += scope.tokens
+                oldest = next(iter(entry.entries.values()))[0]
+                reset = oldest + WINDOW_MS - now
+                verdict.remaining.append(
+                    (
+                        rule.rpm - len(entry.entries) if rule.rpm is not None else NONE,
+                        reset,
+                        rule.tpm - entry.total if rule.tpm is not None else NONE,
+                        reset,
+                    )
+                )
+            else:
+                verdict.remaining.append((NONE, 0, NONE, 0))
+            if rule.max_parallel is not None:
+                entry.conc[member] = now + lease_ms
+        return verdict
+
+    def finish(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
+        for scope in scopes:
+            entry = self.scopes.get(scope.name)
+            if entry is None:
+                continue
+            if tokens is not None and member in entry.entries:
+                record = entry.entries[member]
+                entry.total += tokens - record[1]
+                record[1] = tokens
+            if scope.rule.max_parallel is not None:
+                entry.conc.pop(member, None)
+            if not entry.entries and not entry.conc:
+                del self.scopes[scope.name]
+
+
+# ---- the Redis backend ----------------------------------------------------------------------
+
+_PURGE = """
+local function purge(log, tok, now, window)
+  while true do
+    local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 500)
+    if #old == 0 then return end
+    local vals = redis.call('HMGET', tok, unpack(old))
+    local sum = 0
+    for j = 1, #vals do sum = sum + (tonumber(vals[j]) or 0) end
+    if sum ~= 0 then redis.call('HINCRBY', tok, '_total', -sum) end
+    redis.call('HDEL', tok, unpack(old))
+    redis.call('ZREM', log, unpack(old))
+  end
+end
+"""
+
+ADMIT_LUA = (
+    _PURGE
+    + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member = ARGV[1]
+local window = tonumber(ARGV[2])
+local lease = tonumber(ARGV[3])
+local n = #KEYS / 3
+for i = 1, n do
+  local log, tok, conc = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  local b = 3 + 4 * (i - 1)
+  local rpm, tpm, par, cost = tonumber(ARGV[b+1]), tonumber(ARGV[b+2]), tonumber(ARGV[b+3]), tonumber(ARGV[b+4])
+  if rpm >= 0 or tpm >= 0 then
+    purge(log, tok, now, window)
+    local count = redis.call('ZCARD', log)
+    if rpm >= 0 and count + 1 > rpm then
+      local e = redis.call('ZRANGE', log, count - rpm, count - rpm, 'WITHSCORES')
+      local wait = window
+      if #e == 2 then wait = tonumber(e[2]) + window - now end
+      return {0, i, 'requests', wait, rpm}
+    end
+    if tpm >= 0 then
+      local total = tonumber(redis.call('HGET', tok, '_total') or '0')
+      if total + cost > tpm then
+        local wait = window
+        if cost <= tpm then
+          local need = total + cost - tpm
+          local freed = 0
+          local start = 0
+          local done = false
+          while not done do
+            local e = redis.call('ZRANGE', log, start, start + 99, 'WITHSCORES')
+            if #e == 0 then break end
+            local members = {}
+            for j = 1, #e, 2 do members[#members + 1] = e[j] end
+            local vals = redis.call('HMGET', tok, unpack(members))
+            for j = 1, #members do
+              freed = freed + (tonumber(vals[j]) or 0)
+              if freed >= need then
+                wait = tonumber(e[2 * j]) + window - now
+                done = true
+                break
+              end
+            end
+            start = start + 100
+          end
+        end
+        return {0, i, 'tokens', wait, tpm}
+      end
+    end
+  end
+  if par >= 0 then
+    redis.call('ZREMRANGEBYSCORE', conc, '-inf', now)
+    if redis.call('ZCARD', conc) + 1 > par then
+      return {0, i, 'parallel', 1000, par}
+    end
+  end
+end
+local out = {1}
+for i = 1, n do
+  local log, tok, conc = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
+  local b = 3 + 4 * (i - 1)
+  local rpm, tpm, par, cost = tonumber(ARGV[b+1]), tonumber(ARGV[b+2]), tonumber(ARGV[b+3]), tonumber(ARGV[b+4])
+  if rpm >= 0 or tpm >= 0 then
+    redis.call('ZADD', log, now, member)
+    redis.call('HSET', tok, member, cost)
+    local total = redis.call('HINCRBY', tok, '_total', cost)
+    redis.call('PEXPIRE', log, window + lease)
+    redis.call('PEXPIRE', tok, window + lease)
+    local count = redis.call('ZCARD', log)
+    local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+    local reset = tonumber(oldest[2]) + window - now
+    out[#out + 1] = rpm >= 0 and (rpm - count) or -1
+    out[#out + 1] = reset
+    out[#out + 1] = tpm >= 0 and (tpm - total) or -1
+    out[#out + 1] = reset
+  else
+    out[#out + 1] = -1
+    out[#out + 1] = 0
+    out[#out + 1] = -1
+    out[#out + 1] = 0
+  end
+  if par >= 0 then
+    redis.call('ZADD', conc, now + lease, member)
+    redis.call('PEXPIRE', conc, lease * 2)
+  end
+end
+return out
+"""
+)
+
+FINISH_LUA = """
+local member = ARGV[1]
+local n = #KEYS / 3
+for i = 1, n do
+  local tok, conc = KEYS[3*i-1], KEYS[3*i]
+  local tokens, release = tonumber(ARGV[2*i]), tonumber(ARGV[2*i+1])
+  if tokens >= 0 then
+    local old = redis.call('HGET', tok, member)
+    if old then
+      redis.call('HSET', tok, member, tokens)
+      redis.call('HINCRBY', tok, '_total', tokens - tonumber(old))
+    end
+  end
+  if release == 1 then redis.call('ZREM', conc, member) end
+end
+return 1
+"""
+
+
+class RedisBackend:
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._admit = client.register_script(ADMIT_LUA)
+        self._finish = client.register_script(FINISH_LUA)
+
+    def _keys(self, scopes: list[Scope]) -> list[str]:
+        keys: list[str] = []
+        for scope in scopes:
+            base = f"{self.prefix}rl:{scope.name}"
+            keys += [f"{base}:log", f"{base}:tok", f"{base}:conc"]
+        return keys
+
+    async def admit(self, member: str, scopes: list[Scope], lease_ms: int) -> Verdict:
+        args: list[Any] = [member, WINDOW_MS, lease_ms]
+        for scope in scopes:
+            rule = scope.rule
+            args += [
+                _arg(rule.rpm),
+                _arg(rule.tpm),
+                _arg(rule.max_parallel),
+                scope.tokens,
+            ]
+        result = await self._admit(keys=self._keys(scopes), args=args)
+        if int(result[0]) == 0:
+            what = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
+            return Verdict(False, scopes[int(result[1]) - 1].name, what, int(result[3]), int(result[4]))
+        values = [int(v) for v in result[1:]]
+        remaining = [(values[i], values[i + 1], values[i + 2], values[i + 3]) for i in range(0, len(values), 4)]
+        return Verdict(True, remaining=remaining)
+
+    async def finish(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
+        args: list[Any] = [member]
+        for scope in scopes:
+            adjust = tokens if tokens is not None and scope.logs else NONE
+            args += [adjust, 1 if scope.rule.max_parallel is not None else 0]
+        await self._finish(keys=self._keys(scopes), args=args)
+
+
+def _arg(value: int | None) -> int:
+    return NONE if value is None else value
+
+
+def _rule(section: Section) -> Rule:
+    rule = Rule(
+        rpm=section.opt_integer("rpm", minimum=1),
+        tpm=section.opt_integer("tpm", minimum=1),
+        max_parallel=section.opt_integer("max_parallel", minimum=1),
+    )
+    section.check_unknown()
+    return rule
+
+
+# ---- the plugin -----------------------------------------------------------------------------
+
+
+class RateLimitPlugin:
+    def __init__(self) -> None:
+        self.backend_name = "memory"
+        self.redis_url: str | None = None
+        self.key_prefix = "llmgateway:"
+        self.redis_timeout = 0.25
+        self.redis_max_connections = 256
+        self.on_redis_error = "local"
+        self.redis_retry_interval = 5.0
+        self.lease_ms = 0
+        self.headers = True
+        self.defaults: dict[str, Rule] = {}
+        self.models: dict[str, Rule] = {}
+        self.memory = MemoryBackend()
+        self.redis: RedisBackend | None = None
+        self._client: Any = None
+        self._redis_down_until = 0.0
+        self.resolver = LimitsResolver()
+        self.stats: dict[str, int] = {"redis_errors": 0, "local_fallbacks": 0, "allowed_without_redis": 0}
+
+    @hookimpl
+    def llmgateway_configure(self, config: GatewayConfig) -> None:
+        section = config.section("ratelimit")
+        self.backend_name = section.choice("backend", ("memory", "redis"), "memory")
+        self.redis_url = section.opt_string("redis_url")
+        if self.backend_name == "redis" and not self.redis_url:
+            raise section.error("redis_url", 'is required when backend = "redis"')
+        self.key_prefix = section.string("key_prefix", "llmgateway:")
+        self.redis_timeout = section.number("redis_timeout", 0.25, minimum=0.001)
+        self.redis_max_connections = section.integer("redis_max_connections", 256, minimum=1)
+        self.on_redis_error = section.choice("on_redis_error", ("local", "allow"), "local")
+        self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
+        lease = section.opt_number("lease_seconds", minimum=1)
+        self.lease_ms = int((lease if lease is not None else config.server.request_timeout + 60) * 1000)
+        self.headers = section.boolean("headers", True)
+        defaults = section.table("defaults")
+        self.defaults = {name: _rule(defaults.table(name)) for name in ("key", "user", "team", "model")}
+        defaults.check_unknown()
+        models = section.table("models")
+        for alias in models.data:
+            if alias not in config.models:
+                raise models.error(alias, f"unknown model alias {alias!r}")
+            self.models[alias] = _rule(models.table(alias))
+        for alias, group in config.models.items():
+            derived = Rule(
+                rpm=sum(d.rpm for d in group.deployments if d.rpm) if all(d.rpm for d in group.deployments) else None,
+                tpm=sum(d.tpm for d in group.deployments if d.tpm) if all(d.tpm for d in group.deployments) else None,
+            )
+            self.models[alias] = self.models.get(alias, Rule()).over(derived).over(self.defaults["model"])
+        section.check_unknown()
+
+    @hookimpl
+    async def llmgateway_startup(self, gateway: Gateway) -> None:
+        gateway.state["ratelimit.stats"] = self.stats
+        if self.backend_name == "redis" and self.redis_url:
+            self._client = make_redis(
+                self.redis_url, timeout=self.redis_timeout, max_connections=self.redis_max_connections
+            )
+            self.redis = RedisBackend(self._client, self.key_prefix)
+
+    @hookimpl
+    async def llmgateway_shutdown(self, gateway: Gateway) -> None:
+        if self._client is not None:
+            await self._client.aclose(close_connection_pool=True)
+            self._client = None
+            self.redis = None
+
+    def scopes(self, ctx: RequestContext, limits: IdentityLimits, tokens: int) -> list[Scope]:
+        principal = ctx.principal
+        candidates: list[tuple[str, Rule]] = []
+        if principal.kind == "virtual_key" and principal.key_id:
+            candidates.append((f"key:{principal.key_id}", Rule.of(limits.key).over(self.defaults["key"])))
+        if principal.user_id:
+            candidates.append((f"user:{principal.user_id}", Rule.of(limits.user).over(self.defaults["user"])))
+        if principal.team_id:
+            candidates.append((f"team:{principal.team_id}", Rule.of(limits.team).over(self.defaults["team"])))
+        if ctx.alias:
+            candidates.append((f"model:{ctx.alias}", self.models.get(ctx.alias, self.defaults["model"])))
+        return [Scope(name, rule, tokens) for name, rule in candidates if not rule.empty]
+
+    @hookimpl
+    async def llmgateway_check_limits(self, ctx: RequestContext) -> None:
+        limits = await self.resolver.get(ctx)
+        tokens = estimate_prompt_tokens(ctx.body) + (ctx.max_output_tokens() or 0)
+        scopes = self.scopes(ctx, limits, tokens)
+        if not scopes:
+            return
+        member = ctx.request_id
+        backend, verdict = await self._admit(member, scopes)
+        if not verdict.admitted:
+            headers = self._limit_headers(scopes, verdict) if self.headers else {}
+            wait = max(verdict.wait_ms, 1) / 1000
+            what = {"requests": "requests per minute", "tokens": "tokens per minute", "parallel": "concurrent requests"}
+            raise RateLimitError(
+                f"Rate limit reached for {verdict.scope.split(':', 1)[0]} on {what.get(verdict.what, verdict.what)} "
+                f"(limit {verdict.limit}); try again in {math.ceil(wait)}s",
+                retry_after=wait,
+                headers=headers,
+            )
+        if self.headers:
+            ctx.response_headers.update(self._limit_headers(scopes, verdict))
+
+        async def finish(ctx: RequestContext) -> None:
+            usage = ctx.usage
+            if not ctx.attempts:
+                actual: int | None = 0
+            elif usage is not None and (usage.prompt_tokens or usage.completion_tokens):
+                actual = usage.total_tokens
+            else:
+                actual = None
+            if backend == "redis" and self.redis is not None:
+                try:
+                    await self.redis.finish(member, scopes, actual)
+                except redis_errors() as exc:
+                    self._redis_failed(exc)
+            elif backend == "local":
+                self.memory.finish(member, scopes, actual)
+
+        ctx.on_finish.append(finish)
+
+    async def _admit(self, member: str, scopes: list[Scope]) -> tuple[str, Verdict]:
+        if self.redis is not None:
+            if time.monotonic() >= self._redis_down_until:
+                try:
+                    return "redis", await self.redis.admit(member, scopes, self.lease_ms)
+                except redis_errors() as exc:
+                    self._redis_failed(exc)
+            if self.on_redis_error == "allow":
+                self.stats["allowed_without_redis"] += 1
+                return "none", Verdict(True, remaining=[(NONE, 0, NONE, 0)] * len(scopes))
+            self.stats["local_fallbacks"] += 1
+        return "local", self.memory.admit(member, scopes, self.lease_ms)
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self.stats["redis_errors"] += 1
+        now = time.monotonic()
+        if now >= self._redis_down_until:
+            log.warning(
+                "rate limiting: Redis failed (%s); using %s limits for %.0fs",
+                type(exc).__name__,
+                "local" if self.on_redis_error == "local" else "no",
+                self.redis_retry_interval,
+            )
+        self._redis_down_until = now + self.redis_retry_interval
+
+    @staticmethod
+    def _limit_headers(scopes: list[Scope], verdict: Verdict) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if not verdict.admitted:
+            limit = verdict.limit
+            if verdict.what in ("requests", "tokens"):
+                headers[f"x-ratelimit-limit-{verdict.what}"] = str(limit)
+                headers[f"x-ratelimit-remaining-{verdict.what}"] = "0"
+                headers[f"x-ratelimit-reset-{verdict.what}"] = format_reset(verdict.wait_ms)
+            return headers
+        best_req: tuple[int, int, int] | None = None  # (remaining, limit, reset)
+        best_tok: tuple[int, int, int] | None = None
+        for scope, (rem_req, reset_req, rem_tok, reset_tok) in zip(scopes, verdict.remaining, strict=True):
+            if scope.rule.rpm is not None and rem_req != NONE and (best_req is None or rem_req < best_req[0]):
+                best_req = (max(rem_req, 0), scope.rule.rpm, reset_req)
+            if scope.rule.tpm is not None and rem_tok != NONE and (best_tok is None or rem_tok < best_tok[0]):
+                best_tok = (max(rem_tok, 0), scope.rule.tpm, reset_tok)
+        for what, best in (("requests", best_req), ("tokens", best_tok)):
+            if best is not None:
+                headers[f"x-ratelimit-limit-{what}"] = str(best[1])
+                headers[f"x-ratelimit-remaining-{what}"] = str(best[0])
+                headers[f"x-ratelimit-reset-{what}"] = format_reset(best[2])
+        return headers

@@ -1,0 +1,205 @@
+"""Fixtures and helpers shared by the security tests (no tests here).
+
+* ``security_db``: a throwaway PostgreSQL database for the session with the data model's tables.
+  Until the storage plugin initialises the ORM itself, this fixture does (global fallback context),
+  and subprocess gateways load this module as a plugin to do the same.
+* ``redis_prefix``: a unique Redis key prefix per test, its keys deleted afterwards.
+* :func:`create_key`: a virtual key made through the admin API, as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmgateway.core.hookspecs import hookimpl
+from tests.conftest import require_service
+from tests.servers import free_port
+
+with warnings.catch_warnings():  # models.py still uses Tortoise's deprecated ``pk=True`` (storage owns it)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import llmgateway.plugins.storage.models  # noqa: F401
+
+MASTER_KEY = "mk-security-tests-0123456789"
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+REDIS_URL = "redis://127.0.0.1:6379/0"
+REPO = Path(__file__).resolve().parent.parent
+
+DEMO = """
+[providers.demo]
+type = "demo"
+
+[[models]]
+name = "demo"
+deployments = [{ provider = "demo", model = "demo-1" }]
+"""
+
+
+def config(*parts: str, master: bool = True) -> str:
+    """A gateway config: the demo model, the master key, then ``parts`` (dedented TOML)."""
+    head = f'[auth]\nmaster_key = "{MASTER_KEY}"\n' if master else ""
+    return head + "".join(textwrap.dedent(p) for p in parts) + ("" if parts and "[[models]]" in "".join(parts) else DEMO)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat(model: str = "demo", text: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+async def create_key(url: str, caller: str = MASTER_KEY, **fields: Any) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        response = await client.post("/admin/api/keys", json=fields, headers=auth(caller))
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+async def pg_execute(sql: str, database: str = "test") -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(database=database, **PG)  # type: ignore[arg-type]
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+_db: dict[str, Any] = {"users": 0, "url": None, "name": None}
+
+
+@pytest.fixture(scope="session")
+async def security_db() -> AsyncIterator[str]:
+    """The URL of a fresh PostgreSQL database holding the data model, current for the ORM.
+
+    Test modules import this fixture, so pytest may set it up once per module: the database is
+    shared and dropped when the last user is done.
+    """
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    from tortoise import Tortoise
+
+    if _db["users"] == 0:
+        name = f"llmgw_sec_{secrets.token_hex(4)}"
+        await pg_execute(f'CREATE DATABASE "{name}"')
+        url = f"postgres://postgres@127.0.0.1:5432/{name}"
+        await Tortoise.init(
+            db_url=url, modules={"models": ["llmgateway.plugins.storage.models"]}, _enable_global_fallback=True
+        )
+        await Tortoise.generate_schemas()
+        _db.update(name=name, url=url)
+    _db["users"] += 1
+    try:
+        yield str(_db["url"])
+    finally:
+        _db["users"] -= 1
+        if _db["users"] == 0:
+            from tortoise import context as tortoise_context
+
+            await Tortoise.close_connections()
+            tortoise_context._global_context = None
+            await pg_execute(f'DROP DATABASE IF EXISTS "{_db["name"]}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    require_service("Redis", "127.0.0.1", 6379)
+    import redis.asyncio as aioredis
+
+    prefix = f"llmgw-test:{secrets.token_hex(6)}:"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+# For subprocess gateways only (``[plugins] modules = ["tests.test_security_support"]``): the ORM
+# on ``$LLMGW_TEST_DB``, until the storage plugin does it from ``[database]``.
+@hookimpl(tryfirst=True)
+async def llmgateway_startup(gateway: Any) -> None:
+    from tortoise import Tortoise
+
+    await Tortoise.init(
+        db_url=os.environ["LLMGW_TEST_DB"],
+        modules={"models": ["llmgateway.plugins.storage.models"]},
+        _enable_global_fallback=True,
+    )
+
+
+@hookimpl
+async def llmgateway_shutdown(gateway: Any) -> None:
+    from tortoise import Tortoise
+
+    await Tortoise.close_connections()
+
+
+class GatewayProcess:
+    """``python -m llmgateway serve`` in a subprocess; stderr collected for inspection."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = config_path.with_suffix(f".{self.port}.stderr")
+        self._stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmgateway", "serve", "--config", str(config_path), "--port", str(self.port)],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with httpx.AsyncClient(timeout=2) as client:
+            while loop.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited: {self.stderr()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.url}/health/live")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"gateway on {self.url} did not start: {self.stderr()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def gateway_processes(config_path: Path, count: int, env: dict[str, str] | None = None) -> Iterator[list[GatewayProcess]]:
+    procs = [GatewayProcess(config_path, env) for _ in range(count)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
