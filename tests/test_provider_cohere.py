@@ -210,7 +210,7 @@ async def test_plain_chat_translates_messages_and_parameters(
 ) -> None:
     fake, url = fake_cohere
     image = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
-    async with serve_gateway(config(url)) as gw, sdk(gw) as client:
+    async with serve_gateway(config(url, options='safety_mode = "STRICT"')) as gw, sdk(gw) as client:
         answer = await client.chat.completions.create(
             model="command-ok",
             messages=[
@@ -232,6 +232,8 @@ async def test_plain_chat_translates_messages_and_parameters(
             seed=7,
             frequency_penalty=0.1,
             n=1,
+            reasoning_effort="none",
+            extra_body={"top_k": 5},
         )
     assert answer.model == "command-ok"
     assert answer.id == "chatcmpl-fake-chat-id"
@@ -263,6 +265,9 @@ async def test_plain_chat_translates_messages_and_parameters(
         "stop_sequences": ["END"],
         "seed": 7,
         "frequency_penalty": 0.1,
+        "k": 5,
+        "thinking": {"type": "disabled"},
+        "safety_mode": "STRICT",
     }
 
 

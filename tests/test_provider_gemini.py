@@ -404,7 +404,8 @@ async def test_json_schema_mode_sends_schemas_as_they_are(
 ) -> None:
     fake, url = gemini
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False}
-    async with serve_gateway(config(url, options='schema_mode = "json_schema"')) as gw, sdk(gw) as client:
+    options = 'schema_mode = "json_schema"\nsafety_settings = [{ category = "HARM_CATEGORY_HARASSMENT", threshold = "BLOCK_NONE" }]'
+    async with serve_gateway(config(url, options=options)) as gw, sdk(gw) as client:
         await client.chat.completions.create(
             model="json",
             messages=[{"role": "user", "content": "x"}],
@@ -416,6 +417,7 @@ async def test_json_schema_mode_sends_schemas_as_they_are(
     declaration = body["tools"][0]["functionDeclarations"][0]
     assert declaration["parametersJsonSchema"] == WEATHER_TOOL["function"]["parameters"]
     assert "parameters" not in declaration
+    assert body["safetySettings"] == [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
 
 
 async def test_images_become_inline_and_file_data(

@@ -11,7 +11,8 @@ translation is mostly renaming:
   required → REQUIRED, a named function → REQUIRED with only that tool offered, auto → omitted.
 * ``response_format`` json_object / json_schema → ``{"type": "json_object", "json_schema"?}``;
   ``stop`` → ``stop_sequences``, ``top_p`` → ``p``, ``top_k`` → ``k``, ``max_(completion_)tokens``
-  → ``max_tokens``; ``temperature``, ``seed`` and the penalties keep their names.
+  → ``max_tokens``; ``temperature``, ``seed`` and the penalties keep their names;
+  ``reasoning_effort`` → ``thinking`` (none / minimal: disabled, else a token budget).
 * ``n`` > 1, ``logit_bias``, ``logprobs`` / ``top_logprobs`` are refused (400 naming the
   parameter) unless ``drop_unsupported_params``.
 
@@ -64,6 +65,7 @@ from llmgateway.plugins.providers._openai_format import (
 _FINISH = {"COMPLETE": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls"}
 _LIMIT_HEADERS = ("x-trial-endpoint-call-", "x-endpoint-monthly-call-")
 _SAFETY_MODES = ("CONTEXTUAL", "STRICT", "OFF")
+_THINKING_BUDGET = {"none": 0, "minimal": 0, "low": 1024, "medium": 8192, "high": 24576}
 
 
 def usage_from(usage: Mapping[str, Any] | None) -> Usage | None:
@@ -193,6 +195,12 @@ class CohereProvider(Provider):
         ):
             if body.get(source) is not None:
                 payload[target] = body[source]
+        effort = body.get("reasoning_effort")
+        if effort is not None:
+            if effort not in _THINKING_BUDGET:
+                raise InvalidRequestError(f"Unknown reasoning_effort {effort!r}", param="reasoning_effort")
+            budget = _THINKING_BUDGET[effort]
+            payload["thinking"] = {"type": "enabled", "token_budget": budget} if budget else {"type": "disabled"}
         if self.safety_mode:
             payload["safety_mode"] = self.safety_mode
         return payload
