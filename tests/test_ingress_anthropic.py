@@ -242,6 +242,51 @@ async def test_request_translated_for_an_openai_upstream(
     }
 
 
+async def test_tool_results_with_errors_and_images(
+    serve_gateway: GatewayFactory, upstream: tuple[FakeOpenAI, str], claude: tuple[FakeAnthropic, str]
+) -> None:
+    png = base64.b64encode(b"\x89PNG chart").decode()
+    messages: Any = [
+        {"role": "user", "content": "Plot it."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_a", "name": "plot", "input": {}},
+                {"type": "tool_use", "id": "toolu_b", "name": "plot", "input": {"x": 1}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_a",
+                    "content": [
+                        {"type": "text", "text": "chart:"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+                    ],
+                },
+                {"type": "tool_result", "tool_use_id": "toolu_b", "content": "x out of range", "is_error": True},
+            ],
+        },
+    ]
+    async with serve_gateway(config(upstream[1], claude[1])) as url, sdk(url) as client:
+        await client.messages.create(model="gpt", max_tokens=10, messages=messages)
+    assert upstream[0].requests[-1].body["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "toolu_a", "type": "function", "function": {"name": "plot", "arguments": "{}"}},
+                {"id": "toolu_b", "type": "function", "function": {"name": "plot", "arguments": '{"x":1}'}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "toolu_a", "content": "chart:"},
+        {"role": "tool", "tool_call_id": "toolu_b", "content": "Error: x out of range"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]},
+    ]
+
+
 async def test_openai_tool_calls_become_tool_use(
     serve_gateway: GatewayFactory, upstream: tuple[FakeOpenAI, str], claude: tuple[FakeAnthropic, str]
 ) -> None:

@@ -176,7 +176,12 @@ class AnthropicProvider(Provider):
             with map_upstream_errors(self.name, self.secrets):
                 async for chunk in response.aiter_raw():
                     for block in decoder.feed(chunk):
-                        _, data = parse_event(block)
+                        # fast path for Anthropic's two-line events: "event: name\ndata: {...}"
+                        start = block.find(b"data: ")
+                        if start >= 0 and block.find(b"\n", start) == -1:
+                            data = block[start + 6 :]
+                        else:
+                            _, data = parse_event(block)
                         if not data:
                             continue
                         event = loads(data)

@@ -577,7 +577,11 @@ class AnthropicToOpenAIStream:
             current.reasoning_tokens = int(details["thinking_tokens"])
 
     def finish(self) -> list[bytes]:
+        """The closing frames: a finish_reason if message_delta carried none, usage if asked, [DONE]."""
         frames: list[bytes] = []
+        if self._writer is not None and self.finish_reason is None:
+            self.finish_reason = "stop"
+            frames.append(self._writer.finish("stop"))
         if self.include_usage and self._writer is not None:
             frames.append(self._writer.usage(self.usage))
         frames.append(b"data: [DONE]\n\n")
