@@ -632,9 +632,14 @@ def test_config_order_decides_call_order() -> None:
     pm = load_plugins(order=["b", "a"], extra={"a": A(), "b": A()})
     from llmgateway.core.manager import call_order
 
-    assert call_order(pm, "llmgateway_prepare_request") == ["b", "a"]
+    order = call_order(pm, "llmgateway_prepare_request")
+    assert order[:2] == ["b", "a"]  # configured first, before any built-in implementation
     pm = load_plugins(order=["a", "b"], extra={"a": A(), "b": A()})
-    assert call_order(pm, "llmgateway_prepare_request") == ["a", "b"]
+    assert call_order(pm, "llmgateway_prepare_request")[:2] == ["a", "b"]
+    pm = load_plugins(extra={"a": A()})
+    third_party_first = call_order(pm, "llmgateway_prepare_request")
+    assert third_party_first[0] == "a"
+    assert all(pm.info[name].builtin for name in third_party_first[1:])
     with pytest.raises(ConfigError, match=r"plugins\.order\[0\].*unknown plugin 'zzz'"):
         load_plugins(order=["zzz"])
 
