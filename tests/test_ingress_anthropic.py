@@ -310,6 +310,51 @@ async def test_openai_tool_calls_become_tool_use(
     assert (streamed.id, streamed.name, streamed.input) == ("call_abc123", "get_weather", TOOL_INPUT)
 
 
+async def sloppy_openai_compatible(scope: Any, receive: Any, send: Any) -> None:
+    """An OpenAI-compatible server of the careless kind: streamed tool-call deltas without
+    ``index`` and ``finish_reason: "stop"`` after tool calls."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    base = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    deltas: list[Any] = [
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}],
+        },
+        {"tool_calls": [{"function": {"arguments": '{"a":'}}]},
+        {"tool_calls": [{"function": {"arguments": " 1}"}}]},
+        {"tool_calls": [{"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+    ]
+    frames = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    frames.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    body = b"".join(b"data: " + orjson.dumps(f) + b"\n\n" for f in frames) + b"data: [DONE]\n\n"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_tool_calls_from_a_sloppy_openai_compatible_server(serve_gateway: GatewayFactory) -> None:
+    async with running(sloppy_openai_compatible) as upstream_url:
+        toml = f"""
+[providers.sloppy]
+type = "openai"
+base_url = "{upstream_url}/v1"
+
+[[models]]
+name = "sloppy"
+deployments = [{{ provider = "sloppy", model = "m" }}]
+"""
+        async with serve_gateway(toml) as url, sdk(url) as client:
+            async with client.messages.stream(model="sloppy", max_tokens=10, messages=USER) as stream:
+                final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [(b.type, b.id, b.name, b.input) for b in final.content if b.type == "tool_use"] == [
+        ("tool_use", "c1", "f", {"a": 1}),
+        ("tool_use", "c2", "g", {}),
+    ]
+
+
 # ---- to an Anthropic upstream (both translations in a row) -----------------------------------
 
 

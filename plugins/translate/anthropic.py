@@ -868,10 +868,17 @@ def openai_to_anthropic(response: dict[str, Any], *, request_id: str, model: str
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
+        "stop_reason": _stop_reason(choice.get("finish_reason"), bool(message.get("tool_calls"))),
         "stop_sequence": None,
         "usage": usage_to_anthropic(usage),
     }
+
+
+def _stop_reason(finish_reason: Any, has_tool_calls: bool) -> str:
+    """Anthropic's stop_reason; ``tool_use`` whenever tools were called and nothing else stopped the
+    answer (some OpenAI-compatible servers say "stop" there, and agent loops look for tool_use)."""
+    reason = STOP_REASONS.get(str(finish_reason), "end_turn")
+    return "tool_use" if has_tool_calls and reason == "end_turn" else reason
 
 
 def _event(name: bytes, payload: bytes) -> bytes:
@@ -892,6 +899,8 @@ class OpenAIToAnthropicStream:
     __slots__ = (
         "_block",
         "_block_kind",
+        "_last_id",
+        "_last_tool",
         "_started",
         "_text_prefix",
         "_tool_blocks",
@@ -912,6 +921,8 @@ class OpenAIToAnthropicStream:
         self._block_kind = ""
         self._started = False
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool index -> Anthropic block index
+        self._last_tool = -1
+        self._last_id: Any = None
         self._text_prefix = b""
         self._tool_prefix = b""
         self.finish_reason: str | None = None
@@ -971,13 +982,19 @@ class OpenAIToAnthropicStream:
             self.text_chars += len(text)
             out += self._text_prefix + orjson.dumps(text) + b"}}\n\n"
         for tool_call in delta.get("tool_calls") or ():
-            position = int(tool_call.get("index") or 0)
+            position = tool_call.get("index")
+            call_id = tool_call.get("id")
+            if not isinstance(position, int):  # servers that omit the index: a new id starts a new call
+                position = self._last_tool + 1 if call_id and call_id != self._last_id else max(self._last_tool, 0)
             function = tool_call.get("function") or {}
             if position not in self._tool_blocks:
-                block = {"type": "tool_use", "id": str(tool_call.get("id") or ""), "name": "", "input": {}}
-                block["name"] = str(function.get("name") or "")
+                name = str(function.get("name") or "")
+                block: dict[str, Any] = {"type": "tool_use", "id": str(call_id or ""), "name": name, "input": {}}
                 out += self._open(block, "tool")
                 self._tool_blocks[position] = self._block
+            self._last_tool = position
+            if call_id:
+                self._last_id = call_id
             arguments = function.get("arguments")
             if arguments:
                 self.text_chars += len(arguments)
@@ -1003,7 +1020,7 @@ class OpenAIToAnthropicStream:
         )
         delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": STOP_REASONS.get(str(self.finish_reason), "end_turn"), "stop_sequence": None},
+            "delta": {"stop_reason": _stop_reason(self.finish_reason, bool(self._tool_blocks)), "stop_sequence": None},
             "usage": usage_to_anthropic(usage),
         }
         return out + _event(b"message_delta", orjson.dumps(delta)) + _MESSAGE_STOP
