@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from llmgateway.core.hookspecs import hookimpl
-from llmgateway.core.types import Attempt, RequestContext
+from llmgateway.core.types import Attempt, RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
 from tests.fakes.anthropic_server import ANSWER, API_KEY, FORCED_INPUT, TOOL_INPUT, FakeAnthropic
 from tests.servers import running
@@ -343,6 +343,27 @@ async def test_rate_limit_headers_are_captured(serve_gateway: GatewayFactory, fa
     assert seen[0]["anthropic-ratelimit-requests-remaining"] == "49"
     assert seen[1]["anthropic-ratelimit-requests-remaining"] == "0"
     assert seen[1]["retry-after"] == "7"
+
+
+async def test_usage_reaches_accounting_for_every_stream(serve_gateway: GatewayFactory, fake_url: str) -> None:
+    records: list[UsageRecord] = []
+
+    class Accounting:
+        @hookimpl
+        def llmgateway_record_usage(self, ctx: RequestContext, record: UsageRecord) -> None:
+            records.append(record)
+
+    async with serve_gateway(config(fake_url), plugins={"accounting": Accounting()}) as url, sdk(url) as oa:
+        stream = await oa.chat.completions.create(model="cached", messages=USER, stream=True)
+        await collect_text(stream, [])
+        broken = await oa.chat.completions.create(model="cut", messages=USER, stream=True)
+        with pytest.raises(openai.APIError):
+            await collect_text(broken, [])
+    assert records[0].usage == Usage(prompt_tokens=13, completion_tokens=9, cached_tokens=3)
+    assert records[0].upstream_model == "cached"
+    assert records[0].streamed
+    assert records[1].status == 502
+    assert records[1].usage.prompt_tokens == 11  # counted from message_start before the cut
 
 
 # ---- tools -----------------------------------------------------------------------------------

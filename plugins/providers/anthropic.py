@@ -186,6 +186,7 @@ class AnthropicProvider(Provider):
                             continue
                         event = loads(data)
                         if event.get("type") == "error":
+                            call.usage = translator.usage  # what was counted before the error
                             raise upstream_stream_error(self.name, event, self.secrets)
                         frame = translator.feed(event)
                         if frame is not None:
