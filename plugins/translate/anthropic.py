@@ -25,9 +25,12 @@ Choices worth knowing (each is also stated where it is made):
   ``prompt_tokens = input_tokens + cache_read_input_tokens + cache_creation_input_tokens`` and
   ``cached_tokens = cache_read_input_tokens`` (and back the other way on ingress).
 * Ingress: ``output_config.format`` (structured outputs) becomes ``response_format`` json_schema;
-  ``output_config.effort``, ``thinking`` and thinking blocks are dropped (they need signatures only Anthropic can
-  make); tool results that hold images are followed by a user message carrying those images;
-  ``is_error`` on a tool result is prefixed to its text as ``"Error: "``.
+  ``output_config.effort`` and ``thinking`` are dropped, and so are thinking blocks in the history
+  (only Anthropic can check their signatures) and ``reasoning_content`` in answers; tool results
+  that hold images are followed by a user message carrying those images; ``is_error`` on a tool
+  result is prefixed to its text as ``"Error: "``; ``cache_control`` and ``top_k`` are passed on
+  (the anthropic provider uses them; a strict OpenAI upstream may refuse them).
+* Tool calls without a finish reason of their own (or with "stop") end with ``stop_reason: tool_use``.
 """
 
 from __future__ import annotations
