@@ -55,7 +55,7 @@ class User(LimitsMixin, Model):
 
 
 class ApiKey(LimitsMixin, Model):
-    """A virtual key. Only the SHA-256 of the secret is stored; ``prefix`` is kept for display."""
+    """A virtual key. Only the SHA-256 of the secret is stored, ``prefix`` is kept for display."""
 
     id = fields.CharField(pk=True, max_length=64)
     key_hash = fields.CharField(max_length=64, unique=True)  # hex sha256 of the full key
@@ -139,7 +139,7 @@ class RoutingDecisionRecord(Model):
 
 
 class UsageRollup(Model):
-    """Usage aggregated per bucket and dimension set; what dashboards read for long ranges."""
+    """Usage aggregated per bucket and dimension set: what dashboards read for long ranges."""
 
     id = fields.BigIntField(pk=True)
     bucket = fields.CharField(max_length=8)  # "hour" | "day"
@@ -215,7 +215,7 @@ class AlertSent(Model):
 
 
 class JobRun(Model):
-    """One run of a background job; the (job, scheduled_for) pair is the one-replica lock."""
+    """One run of a background job. The (job, scheduled_for) pair is the one-replica lock."""
 
     id = fields.BigIntField(pk=True)
     job = fields.CharField(max_length=100)

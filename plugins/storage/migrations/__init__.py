@@ -1,0 +1,1 @@
+"""Tortoise migrations of the data model (app label ``models``). Add one with ``llmgateway db makemigrations``."""
