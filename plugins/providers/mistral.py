@@ -32,10 +32,8 @@ answers are translated both ways:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
-import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +58,7 @@ from llmgateway.core.provider import (
 )
 from llmgateway.core.sse import DONE, SSEDecoder, frame, parse_event
 from llmgateway.core.types import Usage
+from llmgateway.plugins.providers._openai_format import encode_embedding
 from llmgateway.plugins.providers.openai import OpenAIProvider
 
 #: OpenAI request fields that only label the request for the caller's bookkeeping
@@ -220,7 +219,7 @@ class MistralProvider(OpenAIProvider):
             for item in data.get("data") or ():
                 vector = item.get("embedding")
                 if isinstance(vector, list):
-                    item["embedding"] = _b64(vector)
+                    item["embedding"] = encode_embedding(vector, "base64")
             return data
         return await super().embeddings(call)
 
@@ -428,10 +427,6 @@ def _validation(detail: Any) -> tuple[str, str | None, str | None]:
             param = where
         parts.append(f"{where}: {item.get('msg', '')}" if where else str(item.get("msg", "")))
     return "; ".join(parts) or "validation error", "validation_error", param
-
-
-def _b64(vector: list[Any]) -> str:
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 @hookimpl
