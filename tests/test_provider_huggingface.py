@@ -326,6 +326,26 @@ async def test_endpoint_mode_embeds_at_the_endpoint_root(serve_gateway: GatewayF
     assert fake.requests[1].path == "/v1/chat/completions"
 
 
+async def test_embeddings_url_template(serve_gateway: GatewayFactory, router: Fake) -> None:
+    fake, url = router
+    toml = f"""
+[providers.hf]
+type = "huggingface"
+mode = "tgi"
+base_url = "http://127.0.0.1:9"
+api_key = "{TOKEN}"
+embeddings_url = "{url}/hf-inference/models/{{model}}/pipeline/feature-extraction"
+{models("hf", {"minilm": "sentence-transformers/all-MiniLM-L6-v2"})}
+"""
+    async with serve_gateway(toml) as gw, sdk(gw) as client:
+        vectors = await client.embeddings.create(model="minilm", input="a", encoding_format="float")
+    assert vectors.data[0].embedding == [0.5, 0.25, 0.125]
+    assert (
+        fake.requests[0].path
+        == "/hf-inference/models/sentence-transformers/all-MiniLM-L6-v2/pipeline/feature-extraction"
+    )
+
+
 @pytest.mark.parametrize(
     ("toml", "key"),
     [

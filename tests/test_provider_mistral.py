@@ -22,6 +22,7 @@ MODELS = (
     "magistral",
     "model-length",
     "context",
+    "detail-422",
     "status-429",
     "status-500",
     "cut",
@@ -251,6 +252,8 @@ async def test_errors_are_mapped(serve_gateway: GatewayFactory, mistral: tuple[F
             await client.chat.completions.create(
                 model="mistral-small-latest", messages=HELLO, extra_body={"frobnicate": True}
             )
+        with pytest.raises(openai.BadRequestError) as detail:
+            await client.chat.completions.create(model="detail-422", messages=HELLO, seed=1)
         with pytest.raises(openai.RateLimitError) as limited:
             await client.chat.completions.create(model="status-429", messages=HELLO, stream=True)
         with pytest.raises(openai.APIStatusError) as failed:
@@ -260,6 +263,8 @@ async def test_errors_are_mapped(serve_gateway: GatewayFactory, mistral: tuple[F
     assert context.value.code == "context_length_exceeded"
     assert unknown.value.param == "frobnicate"
     assert "Extra inputs are not permitted" in unknown.value.message
+    assert detail.value.param == "seed"  # Mistral's random_seed, named as the client sent it
+    assert "Input should be a valid integer" in detail.value.message
     assert limited.value.response.headers["retry-after"] == "2"
     assert failed.value.status_code == 502
     assert "not text completions" in completions.value.message

@@ -160,9 +160,10 @@ class AzureOpenAIProvider(OpenAIProvider):
                         self._remember(orjson.loads(data), call, state)
                     for match in _TEXT.finditer(data):
                         state.text += len(match.group(1))
-                    found = _FINISH.search(data)
-                    if found:
-                        state.finish = found.group(1).decode()
+                    if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+                        found = _FINISH.search(data)
+                        if found:
+                            state.finish = found.group(1).decode()
                     yield b"data: " + rewrite_model(data, replacement) + b"\n\n"
         raise UpstreamProtocolError(
             f"Provider '{self.name}' ended the stream before it was complete", provider=self.name

@@ -11,6 +11,7 @@ Behaviour is scripted by ``model``:
 * ``tools``: two parallel tool calls (get_weather for Paris and for Lyon).
 * ``magistral``: content as a list of chunks (a thinking chunk, then text).
 * ``model-length``: stops with ``finish_reason: model_length``.
+* ``detail-422``: a bare ``{"detail": [...]}`` validation error about ``random_seed``.
 * ``context``: 400 "too large for model with 32768 maximum context length".
 * ``status-<code>``: that status with a Mistral error body (429 carries Retry-After: 2).
 * ``cut``: a stream that ends after two chunks without [DONE].
@@ -143,6 +144,22 @@ class FakeMistral:
         model = str(body.get("model", ""))
         if model.startswith("status-"):
             await self._status(send, int(model.split("-")[1]))
+            return
+        if model == "detail-422":  # the bare FastAPI validation body some Mistral endpoints send
+            await self._json(
+                send,
+                422,
+                {
+                    "detail": [
+                        {
+                            "type": "int_parsing",
+                            "loc": ["body", "random_seed"],
+                            "msg": "Input should be a valid integer",
+                            "input": "x",
+                        }
+                    ]
+                },
+            )
             return
         if model == "context":
             await self._error(
