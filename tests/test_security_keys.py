@@ -152,7 +152,9 @@ async def test_a_revoked_key_stops_working_on_another_replica_at_once(
                 assert revoked.status_code == 200
                 status = 200
                 for _ in range(100):  # the message arrives within milliseconds; allow a few seconds
-                    response = await http.post(f"{url_b}/v1/chat/completions", json=chat(), headers=auth(created["key"]))
+                    response = await http.post(
+                        f"{url_b}/v1/chat/completions", json=chat(), headers=auth(created["key"])
+                    )
                     status = response.status_code
                     if status == 401:
                         break

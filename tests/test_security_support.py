@@ -51,7 +51,9 @@ deployments = [{ provider = "demo", model = "demo-1" }]
 def config(*parts: str, master: bool = True) -> str:
     """A gateway config: the demo model, the master key, then ``parts`` (dedented TOML)."""
     head = f'[auth]\nmaster_key = "{MASTER_KEY}"\n' if master else ""
-    return head + "".join(textwrap.dedent(p) for p in parts) + ("" if parts and "[[models]]" in "".join(parts) else DEMO)
+    return (
+        head + "".join(textwrap.dedent(p) for p in parts) + ("" if parts and "[[models]]" in "".join(parts) else DEMO)
+    )
 
 
 def auth(key: str) -> dict[str, str]:
@@ -196,7 +198,9 @@ class GatewayProcess:
 
 
 @contextlib.contextmanager
-def gateway_processes(config_path: Path, count: int, env: dict[str, str] | None = None) -> Iterator[list[GatewayProcess]]:
+def gateway_processes(
+    config_path: Path, count: int, env: dict[str, str] | None = None
+) -> Iterator[list[GatewayProcess]]:
     procs = [GatewayProcess(config_path, env) for _ in range(count)]
     try:
         yield procs

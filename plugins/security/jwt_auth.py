@@ -144,6 +144,8 @@ class JwtPlugin:
                 raise section.error("algorithms", f"unsupported algorithm {alg!r} ({', '.join(FAMILIES)})")
             if family == "oct" and not self.secret:
                 raise section.error("algorithms", f"{alg} needs 'secret'")
+            if family == "oct" and self.secret and len(self.secret) * 8 < int(alg[2:]):
+                raise section.error("secret", f"must be at least {int(alg[2:]) // 8} bytes long for {alg}")
             if family != "oct" and not asymmetric:
                 raise section.error("algorithms", f"{alg} needs public_key_file, jwks_file or jwks_url")
         if not algorithms:
@@ -304,8 +306,8 @@ class JwtPlugin:
     def _find(self, kid: str | None, family: str) -> Any:
         if kid is not None:
             entry = self._url_keys.get(kid) or self.file_keys.get(kid)
-            if entry is None and None in self.file_keys and len(self.file_keys) == 1 and not self._url_keys:
-                entry = self.file_keys[None]  # a single PEM key: the kid is only a label
+            if entry is None and self.jwks_url is None and set(self.file_keys) == {None}:
+                entry = self.file_keys[None]  # a single PEM key and nothing else: the kid is only a label
         else:
             candidates = [e for e in (*self.file_keys.values(), *self._url_keys.values()) if e[0] == family]
             entry = candidates[0] if len(candidates) == 1 else None

@@ -126,7 +126,7 @@ class SsrfPlugin:
         self.resolve_timeout = section.number("resolve_timeout", 2.0, minimum=0.01)
         section.check_unknown()
 
-    @hookimpl(tryfirst=True)
+    @hookimpl
     async def llmgateway_prepare_request(self, ctx: RequestContext) -> None:
         body = ctx.body
         for name in self.params:
