@@ -134,7 +134,8 @@ async def test_valid_tokens_of_each_algorithm_map_claims_to_the_principal(
             # operators may read the admin API; the ES256 token maps to a plain user who may not
             ops = await http.get("/admin/api/keys", headers={"Authorization": f"Bearer {tokens['HS256']}"})
             user = await http.get("/admin/api/keys", headers={"Authorization": f"Bearer {tokens['ES256']}"})
-        assert ops.status_code != 403 and user.status_code == 403
+        assert ops.status_code != 403
+        assert user.status_code == 403
     principal = plugin.principal(await plugin.verify(tokens["RS256"]))
     assert (principal.kind, principal.user_id, principal.team_id) == ("jwt", "alice", "research")
     assert principal.roles == frozenset({"operator"})
@@ -198,7 +199,8 @@ async def test_jwt_attack_suite_gets_only_401s_with_the_openai_envelope(
                 )
                 assert response.status_code == 401, (name, path, response.status_code, response.text)
                 error = response.json()["error"]
-                assert error["type"] == "authentication_error" and set(error) == {"message", "type", "param", "code"}
+                assert error["type"] == "authentication_error"
+                assert set(error) == {"message", "type", "param", "code"}
                 assert token not in response.text
 
 

@@ -51,7 +51,8 @@ async def test_a_created_key_works_once_shown_and_is_stored_only_as_a_hash(
     async with serve_gateway(config()) as url:
         created = await create_key(url, name="ci", metadata={"owner": "ci"})
         key = created["key"]
-        assert key.startswith("sk-lg-") and len(key) > 40
+        assert key.startswith("sk-lg-")
+        assert len(key) > 40
         assert created["prefix"] == key[:10]
         async with sdk(url, key) as client:
             answer = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
@@ -60,8 +61,11 @@ async def test_a_created_key_works_once_shown_and_is_stored_only_as_a_hash(
             listed = (await http.get("/admin/api/keys", headers=auth(MASTER_KEY))).json()["data"]
             one = (await http.get(f"/admin/api/keys/{created['id']}", headers=auth(MASTER_KEY))).json()
     mine = [k for k in listed if k["id"] == created["id"]]
-    assert mine and "key" not in mine[0] and "key_hash" not in mine[0]
-    assert one["metadata"] == {"owner": "ci"} and one["roles"] == ["user"]
+    assert mine
+    assert "key" not in mine[0]
+    assert "key_hash" not in mine[0]
+    assert one["metadata"] == {"owner": "ci"}
+    assert one["roles"] == ["user"]
     assert key not in orjson.dumps(listed).decode()
     row = await ApiKey.get(id=created["id"])
     assert row.key_hash == hashlib.sha256(key.encode()).hexdigest()
@@ -79,7 +83,8 @@ async def test_unknown_revoked_and_expired_keys_get_401(serve_gateway: GatewayFa
         await ApiKey.filter(id=expired["id"]).update(expires_at=datetime.now(UTC) - timedelta(seconds=1))
         async with httpx.AsyncClient(base_url=url) as http:
             gone = await http.delete(f"/admin/api/keys/{revoked['id']}", headers=auth(MASTER_KEY))
-            assert gone.status_code == 200 and gone.json()["revoked_at"]
+            assert gone.status_code == 200
+            assert gone.json()["revoked_at"]
             for key in (revoked["key"], expired["key"], "sk-lg-" + "x" * 43):
                 response = await http.post("/v1/chat/completions", json=chat(), headers=auth(key))
                 assert response.status_code == 401, key
@@ -114,16 +119,20 @@ async def test_admin_api_rejects_what_the_caller_may_not_set(serve_gateway: Gate
                 return await http.post("/admin/api/keys", json=body, headers=auth(caller))
 
             refused = await post(operator, {"roles": ["admin"]})
-            assert refused.status_code == 403 and refused.json()["error"]["param"] == "roles"
+            assert refused.status_code == 403
+            assert refused.json()["error"]["param"] == "roles"
             assert (await post(operator, {"roles": ["operator"]})).status_code == 201
             assert (await post(viewer, {"name": "x"})).status_code == 403
             for field in ("key_hash", "id", "revoked_at", "prefix"):
                 response = await post(operator, {field: "x"})
-                assert response.status_code == 400 and response.json()["error"]["param"] == field
+                assert response.status_code == 400
+                assert response.json()["error"]["param"] == field
             bad = await post(operator, {"rpm": -1})
-            assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+            assert bad.status_code == 400
+            assert bad.json()["error"]["param"] == "rpm"
             no_user = await post(operator, {"user_id": "nobody"})
-            assert no_user.status_code == 400 and no_user.json()["error"]["param"] == "user_id"
+            assert no_user.status_code == 400
+            assert no_user.json()["error"]["param"] == "user_id"
             cannot_revoke = await http.delete(f"/admin/api/keys/{admin_key['id']}", headers=auth(operator))
             assert cannot_revoke.status_code == 403
 
@@ -182,9 +191,12 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, security_db: str) ->
         return result.stdout
 
     created = orjson.loads(run("create", "--name", "cli", "--role", "viewer", "--model", "demo", "--json"))
-    assert created["key"].startswith("sk-lg-") and created["roles"] == ["viewer"]
+    assert created["key"].startswith("sk-lg-")
+    assert created["roles"] == ["viewer"]
     assert created["allowed_models"] == ["demo"]
     assert "Revoked" in run("revoke", created["id"])
     listed = run("list", "--all")
     line = next(line for line in listed.splitlines() if created["id"] in line)
-    assert created["prefix"] in line and "revoked" in line and created["key"] not in listed
+    assert created["prefix"] in line
+    assert "revoked" in line
+    assert created["key"] not in listed
