@@ -85,6 +85,7 @@ class UsageRecord(Model):
     id = fields.BigIntField(pk=True)
     request_id = fields.CharField(max_length=64, unique=True)
     created_at = fields.DatetimeField(index=True)  # when the request started (UTC)
+    hour = fields.IntField(default=0, db_default=0)  # created_at as whole hours since 1970 (UTC): portable bucketing
     endpoint = fields.CharField(max_length=32)
     key_id = fields.CharField(max_length=64, null=True)
     user_id = fields.CharField(max_length=64, null=True)
@@ -123,7 +124,7 @@ class UsageRecord(Model):
 
 class RoutingDecisionRecord(Model):
     id = fields.BigIntField(pk=True)
-    request_id = fields.CharField(max_length=64, index=True)
+    request_id = fields.CharField(max_length=64, unique=True)  # one decision per request: replays are idempotent
     created_at = fields.DatetimeField(index=True)
     alias = fields.CharField(max_length=200)
     strategy = fields.CharField(max_length=64)
@@ -131,6 +132,7 @@ class RoutingDecisionRecord(Model):
     reason = fields.TextField()
     candidates: fields.JSONField[Any] = fields.JSONField(default=list)  # [[deployment id, score], ...]
     fallbacks: fields.JSONField[Any] = fields.JSONField(default=list)
+    fell_back = fields.BooleanField(default=False, db_default=False)  # another deployment was tried after the chosen one
     outcome = fields.CharField(max_length=64)
 
     class Meta:
@@ -154,7 +156,9 @@ class UsageRollup(Model):
     cache_hits = fields.IntField(default=0)
     prompt_tokens = fields.BigIntField(default=0)
     completion_tokens = fields.BigIntField(default=0)
+    cached_tokens = fields.BigIntField(default=0, db_default=0)
     cost = fields.DecimalField(max_digits=16, decimal_places=8, default=0)
+    saved_cost = fields.DecimalField(max_digits=16, decimal_places=8, default=0, db_default=0)
 
     class Meta:
         table = "usage_rollups"
