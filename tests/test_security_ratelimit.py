@@ -1,0 +1,239 @@
+"""Rate limits as clients see them: exact admission under concurrency (memory and Redis), OpenAI's
+headers, token reservations corrected by real usage, concurrency slots freed on disconnect, three
+gateway processes sharing one Redis, and Redis trouble never turning into a 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmgateway.core.provider import estimate_prompt_tokens
+from tests.conftest import GatewayFactory
+from tests.servers import free_port
+from tests.test_security_support import (
+    MASTER_KEY,
+    REDIS_URL,
+    auth,
+    chat,
+    config,
+    create_key,
+    gateway_processes,
+    redis_prefix,
+    security_db,
+)
+
+__all__ = ["redis_prefix", "security_db"]
+
+SLOW_DEMO = """
+[providers.demo]
+type = "demo"
+
+[providers.slow]
+type = "demo"
+delay = 0.5
+reply = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+
+[[models]]
+name = "demo"
+deployments = [{ provider = "demo", model = "demo-1" }]
+
+[[models]]
+name = "slow"
+deployments = [{ provider = "slow", model = "slow-1" }]
+"""
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The ``[ratelimit]`` backend lines for each backend (Redis with a key prefix of its own)."""
+    if request.param == "memory":
+        return 'backend = "memory"\n'
+    prefix = request.getfixturevalue("redis_prefix")
+    return f'backend = "redis"\nredis_url = "{REDIS_URL}"\nkey_prefix = "{prefix}"\n'
+
+
+async def post_many(url: str, count: int, key: str = MASTER_KEY, **body: object) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=count)) as http:
+        return list(
+            await asyncio.gather(
+                *[http.post("/v1/chat/completions", json=chat(**body), headers=auth(key)) for _ in range(count)]  # type: ignore[arg-type]
+            )
+        )
+
+
+def check_429(response: httpx.Response, what: str = "requests") -> None:
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert error["type"] == "rate_limit_error"
+    assert error["code"] == "rate_limit_exceeded"
+    assert int(response.headers["retry-after"]) >= 1
+    if what != "parallel":
+        assert response.headers[f"x-ratelimit-remaining-{what}"] == "0"
+
+
+async def test_requests_per_minute_are_exact_under_concurrency(serve_gateway: GatewayFactory, backend: str) -> None:
+    toml = config(f"[ratelimit]\n{backend}[ratelimit.models.demo]\nrpm = 5\n")
+    async with serve_gateway(toml) as url:
+        responses = await post_many(url, 12)
+    ok = [r for r in responses if r.status_code == 200]
+    assert len(ok) == 5
+    for refused in (r for r in responses if r.status_code != 200):
+        check_429(refused)
+        assert refused.headers["x-ratelimit-limit-requests"] == "5"
+    assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in ok) == [0, 1, 2, 3, 4]
+    assert all(r.headers["x-ratelimit-limit-requests"] == "5" for r in ok)
+    assert all(r.headers["x-ratelimit-reset-requests"].endswith("s") for r in ok)
+
+
+async def test_key_and_team_limits_come_from_their_rows(serve_gateway: GatewayFactory, security_db: str) -> None:
+    from llmgateway.plugins.storage.models import Team
+
+    await Team.create(id="t-rpm", name="t-rpm", rpm=4)
+    async with serve_gateway(config()) as url:
+        solo = (await create_key(url, rpm=3))["key"]
+        first = (await create_key(url, team_id="t-rpm"))["key"]
+        second = (await create_key(url, team_id="t-rpm"))["key"]
+        solo_results = await post_many(url, 5, solo)
+        team_results = await post_many(url, 3, first) + await post_many(url, 3, second)
+    assert [r.status_code for r in solo_results].count(200) == 3
+    assert [r.status_code for r in team_results].count(200) == 4
+    for refused in (r for r in solo_results + team_results if r.status_code != 200):
+        check_429(refused)
+
+
+async def test_tokens_are_reserved_then_corrected_to_real_usage(serve_gateway: GatewayFactory, backend: str) -> None:
+    toml = config(f"[ratelimit]\n{backend}[ratelimit.models.demo]\ntpm = 200\n")
+    body = chat(max_tokens=60)
+    reserve = estimate_prompt_tokens(body) + 60
+    async with serve_gateway(toml) as url, httpx.AsyncClient(base_url=url) as http:
+        first = await http.post("/v1/chat/completions", json=body, headers=auth(MASTER_KEY))
+        assert first.status_code == 200
+        assert int(first.headers["x-ratelimit-remaining-tokens"]) == 200 - reserve
+        used = first.json()["usage"]["total_tokens"]
+        assert used < reserve
+        second = await http.post("/v1/chat/completions", json=body, headers=auth(MASTER_KEY))
+        assert second.status_code == 200
+        # the first request now counts what it really used, the second its reservation
+        assert int(second.headers["x-ratelimit-remaining-tokens"]) == 200 - used - reserve
+        third = await http.post("/v1/chat/completions", json=chat(max_tokens=190), headers=auth(MASTER_KEY))
+        check_429(third, "tokens")
+        assert third.headers["x-ratelimit-limit-tokens"] == "200"
+
+
+async def test_concurrency_slots_are_freed_when_a_client_goes_away(serve_gateway: GatewayFactory, backend: str) -> None:
+    toml = config(f"[ratelimit]\n{backend}[ratelimit.models.slow]\nmax_parallel = 2\n", SLOW_DEMO)
+    async with serve_gateway(toml) as url, contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))
+        held = []
+        for _ in range(2):
+            response = await stack.enter_async_context(
+                http.stream("POST", "/v1/chat/completions", json=chat("slow", stream=True), headers=auth(MASTER_KEY))
+            )
+            assert response.status_code == 200
+            chunks = response.aiter_bytes()
+            await anext(chunks)  # the stream is open; keep a reference so it stays open
+            held.append((response, chunks))
+        third = await http.post("/v1/chat/completions", json=chat("slow"), headers=auth(MASTER_KEY))
+        check_429(third, "parallel")
+        response, chunks = held[0]  # the client goes away mid-stream: its slot must come back
+        await chunks.aclose()
+        await response.aclose()
+        status = 429
+        for _ in range(100):
+            status = (await http.post("/v1/chat/completions", json=chat("slow"), headers=auth(MASTER_KEY))).status_code
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200
+
+
+def test_three_gateway_processes_sharing_redis_admit_exactly_the_limit(tmp_path: Path, redis_prefix: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        config(
+            f"""
+            [ratelimit]
+            backend = "redis"
+            redis_url = "{REDIS_URL}"
+            key_prefix = "{redis_prefix}"
+
+            [ratelimit.models.demo]
+            rpm = 20
+            """
+        )
+    )
+
+    async def scenario(urls: list[str]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return list(
+                await asyncio.gather(
+                    *[
+                        http.post(f"{urls[i % 3]}/v1/chat/completions", json=chat(), headers=auth(MASTER_KEY))
+                        for i in range(60)
+                    ]
+                )
+            )
+
+    async def main() -> list[httpx.Response]:
+        with gateway_processes(path, 3) as procs:
+            await asyncio.gather(*[p.wait_ready() for p in procs])
+            results = await scenario([p.url for p in procs])
+            for proc in procs:
+                assert "Traceback" not in proc.stderr()
+            return results
+
+    responses = asyncio.run(main())
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 20
+    assert statuses.count(429) == 40
+    for refused in (r for r in responses if r.status_code == 429):
+        check_429(refused)
+
+
+@contextlib.asynccontextmanager
+async def blackhole() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never answers (a hung Redis)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("failure", ["refused", "hung"])
+async def test_redis_failure_falls_back_to_local_limits_and_never_5xx(
+    serve_gateway: GatewayFactory, failure: str
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        port = await stack.enter_async_context(blackhole()) if failure == "hung" else free_port()
+        toml = config(
+            f"""
+            [ratelimit]
+            backend = "redis"
+            redis_url = "redis://127.0.0.1:{port}/0"
+            redis_timeout = 0.2
+
+            [ratelimit.models.demo]
+            rpm = 3
+            """
+        )
+        async with serve_gateway(toml) as url:
+            plugin = serve_gateway.gateway.pm.get_plugin("ratelimit")  # type: ignore[attr-defined]
+            responses = await post_many(url, 5)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 200, 429, 429]
+    assert plugin.stats["redis_errors"] >= 1
+    assert plugin.stats["local_fallbacks"] == 5
