@@ -31,6 +31,7 @@ from tortoise.migrations.recorder import MigrationRecorder
 APP = "models"  # the Tortoise app label; models.py refers to "models.Team" etc.
 MODELS_MODULE = "llmgateway.plugins.storage.models"
 MIGRATIONS_MODULE = "llmgateway.plugins.storage.migrations"
+_CURRENT = tortoise_context._current_context  # the contextvar Tortoise resolves connections through
 PG_MIGRATION_LOCK = 0x6C6C6D67  # pg_advisory_lock key: one migrator at a time across replicas
 
 log = logging.getLogger("llmgateway.storage")
@@ -57,7 +58,9 @@ class Database:
         self.url = url
         self.timeout = timeout
         self.context = TortoiseContext()
-        self.dialect = "postgres" if urlsplit(url).scheme in ("postgres", "postgresql", "asyncpg") else urlsplit(url).scheme
+        self.dialect = (
+            "postgres" if urlsplit(url).scheme in ("postgres", "postgresql", "asyncpg") else urlsplit(url).scheme
+        )
         self.opened = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -82,13 +85,19 @@ class Database:
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[TortoiseContext]:
-        """Make this database current for the calling task (and tasks it creates) until the block ends."""
-        with self.context as ctx:
-            yield ctx
+        """Make this database current for the calling task (and tasks it creates) until the block ends.
+
+        Safe for concurrent tasks (the token is local; ``TortoiseContext.__enter__`` keeps one token
+        per context object, which concurrent requests would overwrite)."""
+        token = _CURRENT.set(self.context)
+        try:
+            yield self.context
+        finally:
+            _CURRENT.reset(token)
 
     def enter(self) -> None:
         """Make this database current for the rest of the calling task (no reset)."""
-        self.context.__enter__()
+        _CURRENT.set(self.context)
 
     @property
     def sqlite_path(self) -> str | None:

@@ -132,7 +132,9 @@ class RoutingDecisionRecord(Model):
     reason = fields.TextField()
     candidates: fields.JSONField[Any] = fields.JSONField(default=list)  # [[deployment id, score], ...]
     fallbacks: fields.JSONField[Any] = fields.JSONField(default=list)
-    fell_back = fields.BooleanField(default=False, db_default=False)  # another deployment was tried after the chosen one
+    fell_back = fields.BooleanField(
+        default=False, db_default=False
+    )  # another deployment was tried after the chosen one
     outcome = fields.CharField(max_length=64)
 
     class Meta:

@@ -96,11 +96,12 @@ def parse(config: GatewayConfig) -> StorageSettings:
 
 
 def _write_behind(s: Section, base: Path) -> WriteBehind:
-    spool = s.string("spool_dir", WriteBehind.spool_dir)
+    d = WriteBehind()
+    spool = s.string("spool_dir", d.spool_dir)
     wb = WriteBehind(
-        batch_size=s.integer("batch_size", WriteBehind.batch_size, minimum=1),
-        flush_interval=s.number("flush_interval", WriteBehind.flush_interval, minimum=0.01),
-        queue_size=s.integer("queue_size", WriteBehind.queue_size, minimum=1),
+        batch_size=s.integer("batch_size", d.batch_size, minimum=1),
+        flush_interval=s.number("flush_interval", d.flush_interval, minimum=0.01),
+        queue_size=s.integer("queue_size", d.queue_size, minimum=1),
         spool_dir=str(base / spool) if not os.path.isabs(spool) else spool,
     )
     s.check_unknown()
@@ -108,12 +109,13 @@ def _write_behind(s: Section, base: Path) -> WriteBehind:
 
 
 def _retention(s: Section) -> Retention:
+    d = Retention()
     r = Retention(
-        raw_days=s.integer("raw_days", Retention.raw_days, minimum=1),
-        hourly_days=s.integer("hourly_days", Retention.hourly_days, minimum=1),
-        daily_days=s.integer("daily_days", Retention.daily_days, minimum=0),
-        late_hours=s.integer("late_hours", Retention.late_hours, minimum=1),
-        schedule=s.string("schedule", Retention.schedule),
+        raw_days=s.integer("raw_days", d.raw_days, minimum=1),
+        hourly_days=s.integer("hourly_days", d.hourly_days, minimum=1),
+        daily_days=s.integer("daily_days", d.daily_days, minimum=0),
+        late_hours=s.integer("late_hours", d.late_hours, minimum=1),
+        schedule=s.string("schedule", d.schedule),
     )
     if len(r.schedule.split()) != 5:
         raise s.error("schedule", f"must be a cron expression with 5 fields, not {r.schedule!r}")

@@ -1,0 +1,173 @@
+"""Plugin ``storage``: the database (``[database]``), its migrations, write-behind usage accounting,
+retention / rollups, and ``llmgateway db``.
+
+Contract for other plugins (security, routing, ops, admin)
+-----------------------------------------------------------
+* The models in :mod:`llmgateway.plugins.storage.models` are usable from the end of this plugin's
+  ``llmgateway_startup`` (it runs ``tryfirst``) until the start of its ``llmgateway_shutdown``
+  (which runs last): in request hooks, in routes, in ``llmgateway_startup`` implementations of
+  other plugins and in the tasks they start, and in jobs. Use them as usual
+  (``await ApiKey.get_or_none(key_hash=...)``); the schema is migrated before anyone sees it.
+* ``gateway.state["storage"]`` is this plugin: ``.db`` (:class:`~.database.Database`, for
+  :mod:`~.queries` and ``with db.activate():`` in tasks created outside the gateway),
+  ``.writer`` (the write-behind queue and its ``stats``), ``.cleanup()`` (retention now).
+* Usage rows are written by this plugin from ``llmgateway_record_usage`` (one per request, with
+  ``ctx.decision``): do not insert :class:`~.models.UsageRecord` rows yourself.
+* Changing models.py means adding a migration: ``llmgateway db makemigrations --name what_changed``
+  (review it; add a data step with ``RunPython`` when existing rows need values).
+* ``llmgateway db migrate | status | cleanup`` are added through ``llmgateway_register_commands``.
+
+How every request and task finds *this* gateway's database: Tortoise resolves connections through a
+contextvar. The plugin sets it in the lifespan task at startup (so tasks started by later startup
+hooks inherit it) and, through ``llmgateway_asgi_wrapper``, around every request, so two gateways in
+one process (tests) never mix their databases. The first database opened in a process is also
+Tortoise's global fallback for code running elsewhere (a test body).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import typer
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmgateway.core.config import GatewayConfig
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.jobs import Job
+from llmgateway.core.types import RequestContext, UsageRecord
+
+from .database import _CURRENT, Database
+from .retention import CleanupResult
+from .retention import cleanup as run_cleanup
+from .settings import StorageSettings, parse
+from .writer import UsageWriter
+
+log = logging.getLogger("llmgateway.storage")
+
+
+class SchemaBehindError(RuntimeError):
+    """The database needs migrations and ``migrate_on_startup`` is false."""
+
+
+class StoragePlugin:
+    def __init__(self) -> None:
+        self.settings = StorageSettings()
+        self.db: Database | None = None
+        self.writer: UsageWriter | None = None
+
+    # ---- configuration -------------------------------------------------------------------
+
+    @hookimpl
+    def llmgateway_configure(self, config: GatewayConfig) -> None:
+        self.settings = settings = parse(config)
+        self.db = Database(settings.url, settings.timeout)
+        wb = settings.write_behind
+        self.writer = UsageWriter(
+            self.db,
+            batch_size=wb.batch_size,
+            flush_interval=wb.flush_interval,
+            queue_size=wb.queue_size,
+            spool_dir=wb.spool_dir,
+            timeout=settings.timeout,
+        )
+
+    @hookimpl
+    def llmgateway_register_commands(self, cli: typer.Typer) -> None:
+        from .cli import register
+
+        register(cli)
+
+    @hookimpl
+    def llmgateway_register_jobs(self, gateway: Any) -> Sequence[Job]:
+        async def run(gateway: Any) -> None:
+            await self.cleanup()
+
+        return [
+            Job(
+                name="storage.cleanup",
+                schedule=self.settings.retention.schedule,
+                run=run,
+                description="Roll usage up into hourly and daily aggregates, then apply [database.retention]",
+            )
+        ]
+
+    @hookimpl
+    def llmgateway_readiness_checks(self, gateway: Any) -> Mapping[str, Callable[[], Awaitable[None]]]:
+        assert self.db is not None
+        return {"database": self.db.ping}
+
+    @hookimpl
+    def llmgateway_asgi_wrapper(self, gateway: Any) -> Callable[[ASGIApp], ASGIApp]:
+        assert self.db is not None
+        context = self.db.context
+
+        def wrap(app: ASGIApp) -> ASGIApp:
+            async def with_database(scope: Scope, receive: Receive, send: Send) -> None:
+                token = _CURRENT.set(context)
+                try:
+                    await app(scope, receive, send)
+                finally:
+                    _CURRENT.reset(token)
+
+            return with_database
+
+        return wrap
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @hookimpl(tryfirst=True)
+    async def llmgateway_startup(self, gateway: Any) -> None:
+        assert self.db is not None
+        assert self.writer is not None
+        db = self.db
+        db.enter()  # this task (the lifespan) and every task started from here on use this database
+        await db.open()
+        try:
+            if self.settings.migrate_on_startup:
+                ran = await db.migrate()
+                if ran:
+                    log.info("database %s migrated: %s", self.settings.display_url, ", ".join(ran))
+            else:
+                status = await db.status()
+                if status.pending:
+                    raise SchemaBehindError(
+                        f"the database {self.settings.display_url} needs migrations "
+                        f"({', '.join(status.pending)}): run `llmgateway db migrate` "
+                        "or set database.migrate_on_startup = true"
+                    )
+        except BaseException:
+            await db.close()
+            raise
+        gateway.state["storage"] = self
+        self.writer.start()
+
+    @hookimpl(tryfirst=True)  # shutdown runs in reverse call order: this one last
+    async def llmgateway_shutdown(self, gateway: Any) -> None:
+        if self.writer is not None:
+            await self.writer.stop()
+            stats = self.writer.stats
+            if stats.spooled:
+                log.warning("%d usage rows are in the spool (%s)", stats.spooled, self.writer.spool.dir)
+        if self.db is not None:
+            await self.db.close()
+
+    # ---- the request path ----------------------------------------------------------------
+
+    @hookimpl
+    def llmgateway_record_usage(self, ctx: RequestContext, record: UsageRecord) -> None:
+        writer = self.writer
+        if writer is not None:
+            writer.put(record, ctx.decision)
+
+    # ---- maintenance ---------------------------------------------------------------------
+
+    async def cleanup(self) -> CleanupResult:
+        """Roll up and apply retention now (the ``storage.cleanup`` job)."""
+        assert self.db is not None
+        assert self.writer is not None
+        late = set(self.writer.late_hours)
+        result = await run_cleanup(self.db, self.settings.retention, late_hours=late)
+        self.writer.late_hours -= late
+        return result

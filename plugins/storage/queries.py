@@ -1,0 +1,323 @@
+"""The read side for the admin API and dashboards. Every function takes the :class:`Database`
+(``gateway.state["storage"].db`` after startup) and returns plain dicts / dataclasses.
+
+Usage over a range is stitched from three sources, cheapest first, so a 90-day chart reads a few
+thousand rollup rows instead of millions of raw ones:
+
+* daily rollups for the complete days already rolled up (``bucket="day"`` queries),
+* hourly rollups for the complete hours already rolled up,
+* raw usage rows for the rest (the hours since the last cleanup run, the current hour).
+
+Ranges are aligned to whole buckets (start rounded down, end rounded up). Hourly buckets older
+than the hourly-rollup retention come back as whole days (only the daily rollups remain).
+
+Indexes used: ``usage_records(created_at)`` and ``(key_id|user_id|team_id|alias|provider,
+created_at)`` for raw ranges and filters; ``usage_rollups(bucket, bucket_start)``;
+``model_metrics(bucket, bucket_start, deployment)``; ``routing_decisions(created_at)`` and
+``(alias|strategy, created_at)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from .database import Database
+from .sql import at_hour, fetch, number, timestamp
+
+UTC = dt.UTC
+Bucket = Literal["hour", "day"]
+#: What usage can be grouped or filtered by, and the column behind each.
+DIMENSIONS: dict[str, str] = {
+    "model": "alias",
+    "provider": "provider",
+    "user": "user_id",
+    "team": "team_id",
+    "key": "key_id",
+}
+_SUMS = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cached_tokens")
+ERROR = "CASE WHEN status >= 400 AND status <> 499 THEN 1 ELSE 0 END"
+
+
+@dataclass(slots=True)
+class UsagePoint:
+    bucket_start: dt.datetime
+    group: str | None  # the value of the group-by dimension (None: no grouping, or no value)
+    requests: int = 0
+    errors: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: float = 0.0
+    saved_cost: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bucket_start"] = self.bucket_start.isoformat()
+        return out
+
+
+def _hours(bucket: Bucket) -> int:
+    return 1 if bucket == "hour" else 24
+
+
+def _align(start: dt.datetime, end: dt.datetime, bucket: Bucket) -> tuple[int, int]:
+    step = _hours(bucket)
+    first = int(start.astimezone(UTC).timestamp() // 3600)
+    last = -(-int(end.astimezone(UTC).timestamp()) // 3600)  # ceil
+    return first - first % step, last + (-last % step)
+
+
+def _where(db: Database, filters: dict[str, str | None]) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for name, value in filters.items():
+        column = DIMENSIONS.get(name)
+        if column is None:
+            raise ValueError(f"unknown dimension {name!r} (known: {', '.join(DIMENSIONS)})")
+        if value is None:
+            clauses.append(f"{column} IS NULL")
+        else:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    return "".join(f" AND {c}" for c in clauses), params
+
+
+async def _rollup_edges(db: Database) -> dict[str, tuple[int, int] | None]:
+    """For each rollup bucket: (first hour covered, first hour not covered), or None."""
+    rows = await fetch(
+        db,
+        "SELECT bucket, MIN(bucket_start) AS first, MAX(bucket_start) AS last FROM usage_rollups GROUP BY bucket",
+    )
+    out: dict[str, tuple[int, int] | None] = {"hour": None, "day": None}
+    for row in rows:
+        first, last = row["first"], row["last"]
+        if isinstance(first, str):
+            first, last = dt.datetime.fromisoformat(first), dt.datetime.fromisoformat(last)
+        step = 1 if row["bucket"] == "hour" else 24
+        out[str(row["bucket"])] = (int(first.timestamp() // 3600), int(last.timestamp() // 3600) + step)
+    return out
+
+
+async def usage(
+    db: Database,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    bucket: Bucket = "hour",
+    group_by: str | None = None,
+    filters: dict[str, str | None] | None = None,
+) -> list[UsagePoint]:
+    """Requests, errors, tokens and cost per bucket (and per value of ``group_by``) in [start, end).
+
+    ``group_by`` and the keys of ``filters`` are names from :data:`DIMENSIONS` (model, provider,
+    user, team, key). Buckets without traffic are omitted. Sorted by bucket, then group.
+    """
+    if bucket not in ("hour", "day"):
+        raise ValueError("bucket must be 'hour' or 'day'")
+    column = DIMENSIONS[group_by] if group_by else None
+    if group_by and column is None:
+        raise ValueError(f"unknown dimension {group_by!r}")
+    first, last = _align(start, end, bucket)
+    where, params = _where(db, filters or {})
+    edges = await _rollup_edges(db)
+    step = _hours(bucket)
+    points: dict[tuple[int, str | None], UsagePoint] = {}
+
+    def add(hour: int, group: Any, row: dict[str, Any]) -> None:
+        key_hour = hour - hour % step
+        key = (key_hour, None if group is None else str(group))
+        point = points.get(key)
+        if point is None:
+            point = points[key] = UsagePoint(at_hour(key_hour), key[1])
+        for name in _SUMS:
+            setattr(point, name, getattr(point, name) + int(row[name] or 0))
+        point.cost += number(row["cost"])
+        point.saved_cost += number(row["saved_cost"])
+
+    cursor = first
+    segments: list[tuple[str, int, int]] = []  # (source, from hour, to hour)
+    day, hour = edges["day"], edges["hour"]
+    if day is not None and (bucket == "day" or hour is None or cursor < hour[0]):
+        upto = min(last, day[1]) if bucket == "day" else min(last, day[1], hour[0] if hour else day[1])
+        if cursor < upto:
+            segments.append(("day", cursor, upto))
+            cursor = upto
+    if hour is not None and cursor < min(last, hour[1]):
+        upto = min(last, hour[1])
+        segments.append(("hour", cursor, upto))
+        cursor = upto
+    if cursor < last:
+        segments.append(("raw", cursor, last))
+
+    group_sql = column or "NULL"
+    for source, lo, hi in segments:
+        if source == "raw":
+            rows = await fetch(
+                db,
+                f"SELECT hour AS h, {group_sql} AS g, COUNT(*) AS requests, SUM({ERROR}) AS errors, "  # noqa: S608
+                "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS cache_hits, SUM(prompt_tokens) AS prompt_tokens, "
+                "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
+                "SUM(cost) AS cost, SUM(saved_cost) AS saved_cost FROM usage_records "
+                f"WHERE created_at >= ? AND created_at < ?{where} GROUP BY hour{', ' + column if column else ''}",
+                [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params],
+            )
+            for row in rows:
+                add(int(row["h"]), row["g"], row)
+        else:
+            rows = await fetch(
+                db,
+                f"SELECT bucket_start AS b, {group_sql} AS g, SUM(requests) AS requests, SUM(errors) AS errors, "  # noqa: S608
+                "SUM(cache_hits) AS cache_hits, SUM(prompt_tokens) AS prompt_tokens, "
+                "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
+                "SUM(cost) AS cost, SUM(saved_cost) AS saved_cost FROM usage_rollups "
+                f"WHERE bucket = ? AND bucket_start >= ? AND bucket_start < ?{where} "
+                f"GROUP BY bucket_start{', ' + column if column else ''}",
+                [source, timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params],
+            )
+            for row in rows:
+                b = row["b"]
+                if isinstance(b, str):
+                    b = dt.datetime.fromisoformat(b)
+                add(int(b.timestamp() // 3600), row["g"], row)
+    return sorted(points.values(), key=lambda p: (p.bucket_start, p.group or ""))
+
+
+async def totals(
+    db: Database,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    group_by: str | None = None,
+    filters: dict[str, str | None] | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """One total per value of ``group_by`` over the whole range, most expensive first
+    (e.g. top teams by cost). Without ``group_by``: a single total."""
+    points = await usage(db, start, end, bucket="day", group_by=group_by, filters=filters)
+    merged: dict[str | None, UsagePoint] = {}
+    for point in points:
+        total = merged.setdefault(point.group, UsagePoint(point.bucket_start, point.group))
+        for name in _SUMS:
+            setattr(total, name, getattr(total, name) + getattr(point, name))
+        total.cost += point.cost
+        total.saved_cost += point.saved_cost
+    out = []
+    for total in sorted(merged.values(), key=lambda p: (-p.cost, -p.requests, p.group or "")):
+        row = total.as_dict()
+        del row["bucket_start"]
+        out.append(row)
+    return out[:limit] if limit else out
+
+
+async def routing_stats(
+    db: Database, start: dt.datetime, end: dt.datetime, *, alias: str | None = None
+) -> dict[str, Any]:
+    """Routing decisions in [start, end): totals, fallback rate, and counts by strategy and reason,
+    by chosen deployment and by outcome (raw decisions: kept ``raw_days``)."""
+    params: list[Any] = [timestamp(db, start), timestamp(db, end)]
+    where = "created_at >= ? AND created_at < ?"
+    if alias is not None:
+        where += " AND alias = ?"
+        params.append(alias)
+    fell = "SUM(CASE WHEN fell_back THEN 1 ELSE 0 END)"
+    total = await fetch(db, f"SELECT COUNT(*) AS n, {fell} AS f FROM routing_decisions WHERE {where}", params)  # noqa: S608
+    by_reason = await fetch(
+        db,
+        f"SELECT strategy, reason, COUNT(*) AS n, {fell} AS f FROM routing_decisions WHERE {where} "  # noqa: S608
+        "GROUP BY strategy, reason ORDER BY COUNT(*) DESC",
+        params,
+    )
+    by_chosen = await fetch(
+        db,
+        f"SELECT chosen, COUNT(*) AS n, {fell} AS f FROM routing_decisions WHERE {where} "  # noqa: S608
+        "GROUP BY chosen ORDER BY COUNT(*) DESC",
+        params,
+    )
+    by_outcome = await fetch(
+        db,
+        f"SELECT outcome, COUNT(*) AS n FROM routing_decisions WHERE {where} GROUP BY outcome ORDER BY COUNT(*) DESC",  # noqa: S608
+        params,
+    )
+    n = int(total[0]["n"] or 0) if total else 0
+    fell_back = int(total[0]["f"] or 0) if total else 0
+    return {
+        "decisions": n,
+        "fell_back": fell_back,
+        "fallback_rate": (fell_back / n) if n else 0.0,
+        "by_strategy": [
+            {"strategy": r["strategy"], "reason": r["reason"], "decisions": int(r["n"]), "fell_back": int(r["f"] or 0)}
+            for r in by_reason
+        ],
+        "by_deployment": [
+            {"deployment": r["chosen"], "decisions": int(r["n"]), "fell_back": int(r["f"] or 0)} for r in by_chosen
+        ],
+        "by_outcome": [{"outcome": r["outcome"], "decisions": int(r["n"])} for r in by_outcome],
+    }
+
+
+async def model_metrics(
+    db: Database,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    bucket: Bucket = "hour",
+    alias: str | None = None,
+) -> list[dict[str, Any]]:
+    """Per-deployment requests, errors, cost and latency / TTFT percentiles per rolled-up bucket."""
+    params: list[Any] = [bucket, timestamp(db, start), timestamp(db, end)]
+    where = "bucket = ? AND bucket_start >= ? AND bucket_start < ?"
+    if alias is not None:
+        where += " AND alias = ?"
+        params.append(alias)
+    rows = await fetch(
+        db,
+        "SELECT bucket_start, alias, provider, deployment, requests, errors, prompt_tokens, completion_tokens, cost, "  # noqa: S608
+        "latency_p50_ms, latency_p95_ms, latency_p99_ms, ttft_p50_ms, ttft_p95_ms FROM model_metrics "
+        f"WHERE {where} ORDER BY bucket_start, deployment",
+        params,
+    )
+    for row in rows:
+        b = row["bucket_start"]
+        row["bucket_start"] = (dt.datetime.fromisoformat(b) if isinstance(b, str) else b).isoformat()
+        row["cost"] = number(row["cost"])
+    return rows
+
+
+RECENT_COLUMNS = (
+    "request_id, created_at, endpoint, key_id, user_id, team_id, alias, provider, deployment, upstream_model, "
+    "prompt_tokens, completion_tokens, cached_tokens, cost, saved_cost, latency_ms, ttft_ms, status, error_code, "
+    "cache_hit, streamed, client_disconnected, attempts"
+)
+
+
+async def recent_requests(
+    db: Database,
+    *,
+    limit: int = 50,
+    before: dt.datetime | None = None,
+    filters: dict[str, str | None] | None = None,
+    errors_only: bool = False,
+) -> list[dict[str, Any]]:
+    """The newest usage rows (optionally before a time, filtered by dimensions or to errors)."""
+    where, params = _where(db, filters or {})
+    if before is not None:
+        where += " AND created_at < ?"
+        params.append(timestamp(db, before))
+    if errors_only:
+        where += " AND status >= 400"
+    rows = await fetch(
+        db,
+        f"SELECT {RECENT_COLUMNS} FROM usage_records WHERE 1 = 1{where} ORDER BY created_at DESC LIMIT ?",  # noqa: S608
+        [*params, max(1, min(int(limit), 1000))],
+    )
+    for row in rows:
+        created = row["created_at"]
+        row["created_at"] = (dt.datetime.fromisoformat(created) if isinstance(created, str) else created).isoformat()
+        row["cost"] = None if row["cost"] is None else number(row["cost"])
+        row["saved_cost"] = None if row["saved_cost"] is None else number(row["saved_cost"])
+        for name in ("cache_hit", "streamed", "client_disconnected"):
+            row[name] = bool(row[name])
+    return rows

@@ -1,0 +1,427 @@
+"""Write-behind for usage rows and routing decisions: never awaited on the request path, never lost.
+
+* :meth:`UsageWriter.put` (the ``llmgateway_record_usage`` implementation) appends the record and
+  the routing decision to an in-memory deque and returns: no I/O, no await, no conversion.
+* A background task flushes in batches: as soon as ``batch_size`` rows are waiting, or every
+  ``flush_interval`` seconds. A batch is one transaction of two bulk inserts (usage rows, decisions),
+  each ``INSERT … ON CONFLICT DO NOTHING`` on the request id, so writing a batch twice is harmless.
+* When a write fails or times out (database down, network cut), the batch is appended to a spool
+  file (JSON lines, one row each) in ``spool_dir`` and the writer switches to *down*: every
+  interval it pings the database and, once it answers, replays the spool files and resumes.
+* The queue is bounded (``queue_size``): past the bound the waiting rows go straight to the spool
+  file (synchronously, on the request that found the queue full), so memory stays bounded and
+  nothing is dropped.
+* :meth:`UsageWriter.stop` (lifespan shutdown, e.g. after SIGTERM) flushes what is queued, or spools
+  it when the database does not answer within ``timeout``; a request that finishes even later is
+  spooled directly. Spool files left by a stopped or crashed process are replayed at the next start.
+
+Spool files are named ``usage-<pid>-<token>-<n>.jsonl``; a process replays its own files and those
+of processes that are no longer running, never the file another live worker is appending to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from llmgateway.core.types import RoutingDecision, UsageRecord
+
+from .database import Database
+
+log = logging.getLogger("llmgateway.storage")
+
+Row = dict[str, Any]
+UTC = dt.UTC
+
+
+def to_row(record: UsageRecord, decision: RoutingDecision | None) -> Row:
+    """One usage record (and its routing decision) as plain JSON-able data: the spool format."""
+    principal = record.principal
+    usage = record.usage
+    row: Row = {
+        "request_id": record.request_id,
+        "started_at": record.started_at,
+        "endpoint": record.endpoint,
+        "key_id": principal.key_id,
+        "user_id": principal.user_id,
+        "team_id": principal.team_id,
+        "alias": record.alias,
+        "provider": record.provider,
+        "deployment": record.deployment,
+        "upstream_model": record.upstream_model,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "usage_estimated": usage.estimated,
+        "cost": record.cost,
+        "saved_cost": record.saved_cost,
+        "latency_ms": record.latency_ms,
+        "ttft_ms": record.ttft_ms,
+        "status": record.status,
+        "error_code": record.error_code,
+        "cache_hit": record.cache_hit,
+        "streamed": record.streamed,
+        "client_disconnected": record.client_disconnected,
+        "attempts": record.attempts,
+        "metadata": record.metadata,
+    }
+    if decision is not None:
+        row["decision"] = {
+            "alias": decision.alias,
+            "strategy": decision.strategy,
+            "candidates": [[d, s] for d, s in decision.candidates],
+            "chosen": decision.chosen,
+            "reason": decision.reason,
+            "fallbacks": list(decision.fallbacks),
+            "outcome": decision.outcome,
+        }
+    return row
+
+
+def _decimal(value: float | None) -> Any:
+    from decimal import Decimal
+
+    return None if value is None else Decimal(repr(round(float(value), 8)))
+
+
+async def insert_rows(db: Database, rows: list[Row]) -> None:
+    """Insert usage rows and their decisions in one transaction; rows already present are skipped."""
+    from tortoise.transactions import in_transaction
+
+    from .models import RoutingDecisionRecord, UsageRecord
+
+    usage: list[UsageRecord] = []
+    decisions: list[RoutingDecisionRecord] = []
+    for row in rows:
+        started = float(row["started_at"])
+        created = dt.datetime.fromtimestamp(started, UTC)
+        fields = {k: v for k, v in row.items() if k not in ("started_at", "decision")}
+        fields["cost"] = _decimal(fields.get("cost"))
+        fields["saved_cost"] = _decimal(fields.get("saved_cost"))
+        usage.append(UsageRecord(created_at=created, hour=int(started // 3600), **fields))
+        decision = row.get("decision")
+        if decision:
+            decisions.append(
+                RoutingDecisionRecord(
+                    request_id=row["request_id"],
+                    created_at=created,
+                    fell_back=bool(decision.get("fallbacks")),
+                    **decision,
+                )
+            )
+    with db.activate():
+        async with in_transaction() as conn:
+            await UsageRecord.bulk_create(usage, ignore_conflicts=True, using_db=conn)
+            if decisions:
+                await RoutingDecisionRecord.bulk_create(decisions, ignore_conflicts=True, using_db=conn)
+
+
+class Spool:
+    """Append-only JSON-lines files in one directory; see the module docstring for the naming."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(directory)
+        self.pid = os.getpid()
+        self.token = secrets.token_hex(4)
+        self.seq = 0
+        self.rows_written = 0
+
+    @property
+    def current(self) -> Path:
+        return self.dir / f"usage-{self.pid}-{self.token}-{self.seq}.jsonl"
+
+    def write(self, rows: Iterable[Row], *, sync: bool = False) -> int:
+        data = b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows)
+        if not data:
+            return 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.current, "ab") as file:
+            file.write(data)
+            if sync:
+                file.flush()
+                os.fsync(file.fileno())
+        count = data.count(b"\n")
+        self.rows_written += count
+        return count
+
+    def has_files(self) -> bool:
+        return bool(self.replayable())
+
+    def replayable(self) -> list[Path]:
+        """Files this process may replay: its own (rotated first) and those of processes that ended."""
+        if not self.dir.is_dir():
+            return []
+        out: list[Path] = []
+        for path in sorted(self.dir.iterdir()):
+            name = path.name
+            if not name.startswith("usage-") or ".jsonl" not in name:
+                continue
+            parts = name.split(".jsonl", 1)[0].split("-")
+            if len(parts) != 4:
+                continue
+            pid, token = int(parts[1]) if parts[1].isdigit() else -1, parts[2]
+            if name.endswith(".jsonl") or name.endswith(f".replaying-{self.pid}-{self.token}"):
+                mine = pid == self.pid and token == self.token
+                if mine or not _alive(pid):
+                    out.append(path)
+            elif ".replaying-" in name:
+                claimer = name.rsplit(".replaying-", 1)[1].split("-")
+                if len(claimer) == 2 and claimer[0].isdigit() and not _alive(int(claimer[0])):
+                    out.append(path)
+        return out
+
+    def claim(self, path: Path) -> Path | None:
+        """Rename ``path`` so no other process replays it; None when someone else got it first."""
+        base = path.name.split(".jsonl", 1)[0] + ".jsonl"
+        claimed = path.with_name(f"{base}.replaying-{self.pid}-{self.token}")
+        if path == claimed:
+            return path
+        if path == self.current:
+            self.seq += 1  # later writes go to a new file
+        try:
+            os.rename(path, claimed)
+        except FileNotFoundError:
+            return None
+        return claimed
+
+
+def _read_lines(file: Any, limit: int) -> list[bytes]:
+    lines: list[bytes] = []
+    while len(lines) < limit:
+        line = file.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(slots=True)
+class WriterStats:
+    queued: int = 0
+    written: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    overflowed: int = 0
+    failures: int = 0
+    batches: int = 0
+
+
+class UsageWriter:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 1.0,
+        queue_size: int = 100_000,
+        spool_dir: str = "llmgateway-spool",
+        timeout: float = 5.0,
+    ) -> None:
+        self.db = db
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.spool = Spool(spool_dir)
+        self.queue: collections.deque[tuple[UsageRecord, RoutingDecision | None]] = collections.deque()
+        self.stats = WriterStats()
+        self.down_since: float | None = None
+        self.late_hours: set[int] = set()  # hours that received replayed rows (rollups recompute them)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = False
+
+    # ---- the request path ----------------------------------------------------------------
+
+    def put(self, record: UsageRecord, decision: RoutingDecision | None) -> None:
+        """Queue one record. Never awaits, never touches the database."""
+        if self._stopped:
+            self.stats.spooled += self.spool.write([to_row(record, decision)])
+            return
+        queue = self.queue
+        queue.append((record, decision))
+        size = len(queue)
+        if size >= self.batch_size:
+            if size >= self.queue_size:
+                self._overflow()
+            elif self._wake is not None:
+                self._wake.set()
+
+    def _overflow(self) -> None:
+        rows = self._drain(len(self.queue))
+        written = self.spool.write(rows)
+        self.stats.overflowed += written
+        self.stats.spooled += written
+        log.warning("usage queue full (%d rows): spooled them to %s", written, self.spool.current)
+
+    def _drain(self, limit: int) -> list[Row]:
+        queue = self.queue
+        count = min(limit, len(queue))
+        return [to_row(*queue.popleft()) for _ in range(count)]
+
+    # ---- background ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="llmgateway-storage-writer")
+
+    async def stop(self) -> None:
+        """Flush (or spool) everything queued, then stop; later records are spooled directly."""
+        self._stopping = True
+        if self._task is not None and self._wake is not None:
+            self._wake.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        else:
+            await self.flush()
+        self._stopped = True
+        rest = self._drain(len(self.queue))
+        if rest:
+            self.stats.spooled += self.spool.write(rest, sync=True)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        if self.spool.has_files():
+            await self.replay()
+        while not self._stopping:
+            if not wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_interval):
+                        await wake.wait()
+            wake.clear()
+            try:
+                await self.flush()
+            except Exception:  # never let the writer die
+                log.exception("usage writer failed; retrying")
+        await self.flush(final=True)
+
+    async def flush(self, *, final: bool = False) -> None:
+        """Write every queued row (in batches); spool them while the database is down."""
+        if self.down_since is not None:
+            if not await self._database_back():
+                rows = self._drain(len(self.queue))
+                if rows:
+                    self.stats.spooled += self.spool.write(rows, sync=True)
+                return
+            await self.replay()
+        while self.queue:
+            rows = self._drain(self.batch_size)
+            if not await self._write(rows):
+                rest = self._drain(len(self.queue))
+                if rest:
+                    self.stats.spooled += self.spool.write(rest, sync=True)
+                return
+            if not final:
+                await asyncio.sleep(0)  # let requests run between batches
+
+    async def _write(self, rows: list[Row]) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await insert_rows(self.db, rows)
+        except Exception as exc:
+            self.stats.failures += 1
+            self.stats.spooled += self.spool.write(rows, sync=True)
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.error(
+                    "usage rows could not be written (%s: %s); spooling to %s until the database answers",
+                    type(exc).__name__,
+                    exc,
+                    self.spool.dir,
+                )
+            return False
+        self.stats.written += len(rows)
+        self.stats.batches += 1
+        return True
+
+    async def _database_back(self) -> bool:
+        try:
+            await self.db.ping()
+        except Exception:
+            return False
+        log.warning(
+            "database answers again after %.1f s; replaying the spool", time.monotonic() - (self.down_since or 0)
+        )
+        self.down_since = None
+        return True
+
+    async def replay(self) -> int:
+        """Insert the rows of every spool file this process may replay; returns how many."""
+        total = 0
+        for path in self.spool.replayable():
+            claimed = self.spool.claim(path)
+            if claimed is None:
+                continue
+            count = await self._replay_file(claimed)
+            if count < 0:
+                return total
+            total += count
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(claimed)
+        if total:
+            log.warning("replayed %d spooled usage rows", total)
+        return total
+
+    async def _replay_file(self, path: Path) -> int:
+        count = 0
+        file = await asyncio.to_thread(open, path, "rb")
+        try:
+            while True:
+                lines: list[bytes] = await asyncio.to_thread(_read_lines, file, self.batch_size)
+                if not lines:
+                    return count
+                batch: list[Row] = []
+                for line in lines:
+                    try:
+                        batch.append(orjson.loads(line))
+                    except orjson.JSONDecodeError:  # a torn last line from a crash: nothing to recover
+                        log.error("skipping an unreadable line in %s", path)
+                if batch and not await self._replay_batch(batch):
+                    return -1
+                count += len(batch)
+        finally:
+            file.close()
+
+    async def _replay_batch(self, rows: list[Row]) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await insert_rows(self.db, rows)
+        except Exception as exc:
+            self.stats.failures += 1
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+            log.error("replaying spooled usage rows failed (%s); will retry", type(exc).__name__)
+            return False
+        self.stats.replayed += len(rows)
+        for row in rows:
+            self.late_hours.add(int(float(row["started_at"]) // 3600))
+        return True
