@@ -28,7 +28,7 @@ class LimitsMixin:
 
 
 class Team(LimitsMixin, Model):
-    id = fields.CharField(pk=True, max_length=64)
+    id = fields.CharField(primary_key=True, max_length=64)
     name = fields.CharField(max_length=200, unique=True)
     allowed_models: fields.JSONField[Any] = fields.JSONField(null=True)  # list of aliases; None: all
     metadata: fields.JSONField[Any] = fields.JSONField(default=dict)
@@ -39,7 +39,7 @@ class Team(LimitsMixin, Model):
 
 
 class User(LimitsMixin, Model):
-    id = fields.CharField(pk=True, max_length=64)
+    id = fields.CharField(primary_key=True, max_length=64)
     email = fields.CharField(max_length=320, unique=True, null=True)
     name = fields.CharField(max_length=200, default="")
     team: fields.ForeignKeyNullableRelation[Team] = fields.ForeignKeyField(
@@ -57,7 +57,7 @@ class User(LimitsMixin, Model):
 class ApiKey(LimitsMixin, Model):
     """A virtual key. Only the SHA-256 of the secret is stored, ``prefix`` is kept for display."""
 
-    id = fields.CharField(pk=True, max_length=64)
+    id = fields.CharField(primary_key=True, max_length=64)
     key_hash = fields.CharField(max_length=64, unique=True)  # hex sha256 of the full key
     prefix = fields.CharField(max_length=32)  # e.g. "sk-lg-AbCd" — never enough to use the key
     name = fields.CharField(max_length=200, default="")
@@ -71,7 +71,7 @@ class ApiKey(LimitsMixin, Model):
     allowed_models: fields.JSONField[Any] = fields.JSONField(null=True)
     metadata: fields.JSONField[Any] = fields.JSONField(default=dict)
     expires_at = fields.DatetimeField(null=True)
-    revoked_at = fields.DatetimeField(null=True, index=True)
+    revoked_at = fields.DatetimeField(null=True, db_index=True)
     created_at = fields.DatetimeField(auto_now_add=True)
     last_used_at = fields.DatetimeField(null=True)
 
@@ -82,9 +82,9 @@ class ApiKey(LimitsMixin, Model):
 class UsageRecord(Model):
     """One row per request (success, error, cache hit or client disconnect)."""
 
-    id = fields.BigIntField(pk=True)
+    id = fields.BigIntField(primary_key=True)
     request_id = fields.CharField(max_length=64, unique=True)
-    created_at = fields.DatetimeField(index=True)  # when the request started (UTC)
+    created_at = fields.DatetimeField(db_index=True)  # when the request started (UTC)
     hour = fields.IntField(default=0, db_default=0)  # created_at as whole hours since 1970 (UTC): portable bucketing
     endpoint = fields.CharField(max_length=32)
     key_id = fields.CharField(max_length=64, null=True)
@@ -123,18 +123,17 @@ class UsageRecord(Model):
 
 
 class RoutingDecisionRecord(Model):
-    id = fields.BigIntField(pk=True)
+    id = fields.BigIntField(primary_key=True)
     request_id = fields.CharField(max_length=64, unique=True)  # one decision per request: replays are idempotent
-    created_at = fields.DatetimeField(index=True)
+    created_at = fields.DatetimeField(db_index=True)
     alias = fields.CharField(max_length=200)
     strategy = fields.CharField(max_length=64)
     chosen = fields.CharField(max_length=400, null=True)
     reason = fields.TextField()
     candidates: fields.JSONField[Any] = fields.JSONField(default=list)  # [[deployment id, score], ...]
     fallbacks: fields.JSONField[Any] = fields.JSONField(default=list)
-    fell_back = fields.BooleanField(
-        default=False, db_default=False
-    )  # another deployment was tried after the chosen one
+    # another deployment was tried after the chosen one
+    fell_back = fields.BooleanField(default=False, db_default=False)
     outcome = fields.CharField(max_length=64)
 
     class Meta:
@@ -145,7 +144,7 @@ class RoutingDecisionRecord(Model):
 class UsageRollup(Model):
     """Usage aggregated per bucket and dimension set: what dashboards read for long ranges."""
 
-    id = fields.BigIntField(pk=True)
+    id = fields.BigIntField(primary_key=True)
     bucket = fields.CharField(max_length=8)  # "hour" | "day"
     bucket_start = fields.DatetimeField()
     key_id = fields.CharField(max_length=64, null=True)
@@ -171,7 +170,7 @@ class UsageRollup(Model):
 class ModelMetric(Model):
     """Per-deployment performance per bucket: read by the latency router and the admin API."""
 
-    id = fields.BigIntField(pk=True)
+    id = fields.BigIntField(primary_key=True)
     bucket = fields.CharField(max_length=8)
     bucket_start = fields.DatetimeField()
     alias = fields.CharField(max_length=200)
@@ -194,8 +193,8 @@ class ModelMetric(Model):
 
 
 class ProviderHealthCheck(Model):
-    id = fields.BigIntField(pk=True)
-    created_at = fields.DatetimeField(index=True)
+    id = fields.BigIntField(primary_key=True)
+    created_at = fields.DatetimeField(db_index=True)
     provider = fields.CharField(max_length=200)
     deployment = fields.CharField(max_length=400, null=True)
     ok = fields.BooleanField()
@@ -208,10 +207,10 @@ class ProviderHealthCheck(Model):
 
 
 class AlertSent(Model):
-    id = fields.BigIntField(pk=True)
-    created_at = fields.DatetimeField(index=True)
+    id = fields.BigIntField(primary_key=True)
+    created_at = fields.DatetimeField(db_index=True)
     rule = fields.CharField(max_length=200)
-    fingerprint = fields.CharField(max_length=128, index=True)  # de-duplication key
+    fingerprint = fields.CharField(max_length=128, db_index=True)  # de-duplication key
     severity = fields.CharField(max_length=16)
     channel = fields.CharField(max_length=32)  # email | webhook
     message = fields.TextField()
@@ -223,7 +222,7 @@ class AlertSent(Model):
 class JobRun(Model):
     """One run of a background job. The (job, scheduled_for) pair is the one-replica lock."""
 
-    id = fields.BigIntField(pk=True)
+    id = fields.BigIntField(primary_key=True)
     job = fields.CharField(max_length=100)
     scheduled_for = fields.DatetimeField()
     started_at = fields.DatetimeField()
