@@ -230,6 +230,7 @@ def create_app(
         exception_handlers={HTTPException: _http_exception, Exception: _unhandled},
     )
     app.state.gateway = gateway
+    gateway.state["starlette"] = app  # the routing table, under any ASGI wrappers (RBAC meta-test, tools)
     wrapped: ASGIApp = app
     for wrapper in gateway.pm.hook.llmgateway_asgi_wrapper(gateway=gateway):
         if wrapper is not None:

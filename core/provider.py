@@ -29,6 +29,7 @@ from .config import ProviderConfig, Section
 from .errors import (
     InvalidRequestError,
     UnsupportedParameterError,
+    UpstreamProtocolError,
     error_from_upstream_status,
     error_message_from_body,
 )
@@ -126,6 +127,13 @@ class Provider:
 
     def raise_for_status(self, response: httpx.Response, body: bytes) -> None:
         """Turn an upstream error response into the client-facing error (the one mapping)."""
+        if 300 <= response.status_code < 400:  # never followed (SSRF): a redirect is no answer
+            raise UpstreamProtocolError(
+                f"Provider '{self.name}' answered with a redirect ({response.status_code}), which the gateway "
+                "does not follow",
+                provider=self.name,
+                upstream_status=response.status_code,
+            )
         if response.status_code < 400:
             return
         message, code, param = self.parse_error(body)
