@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tortoise import context as tortoise_context
+from tortoise.backends.base import executor as tortoise_executor
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.context import TortoiseContext
 from tortoise.migrations.executor import MigrationExecutor, MigrationTarget
@@ -72,6 +73,11 @@ class Database:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         with self.activate():
             await self.context.init(config=tortoise_config(self.url))
+        # Tortoise caches each model's INSERT/DELETE text per connection *name* ("default") in a
+        # process-wide dict, and builds each model's base query for the dialect of the database
+        # initialised last: one process serves one dialect at a time (switching between them, as
+        # the tests do, is fine once the cache is cleared).
+        tortoise_executor.EXECUTOR_CACHE.clear()
         self.opened = True
         if tortoise_context._global_context is None:
             tortoise_context.set_global_context(self.context)

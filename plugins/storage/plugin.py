@@ -96,7 +96,7 @@ class StoragePlugin:
     @hookimpl
     def llmgateway_readiness_checks(self, gateway: Any) -> Mapping[str, Callable[[], Awaitable[None]]]:
         assert self.db is not None
-        return {"database": self.db.ping}
+        return {"storage": self.db.ping}
 
     @hookimpl
     def llmgateway_asgi_wrapper(self, gateway: Any) -> Callable[[ASGIApp], ASGIApp]:

@@ -1,0 +1,350 @@
+"""Storage: schema from a fresh install, migrations on SQLite and PostgreSQL, usage rows through a
+real gateway, write-behind batching, the spool, configuration errors, ``llmgateway db``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmgateway.core.app import create_app
+from llmgateway.core.config import parse_config
+from llmgateway.core.errors import ConfigError
+from llmgateway.core.types import Principal
+from llmgateway.plugins.storage.database import Database
+from llmgateway.plugins.storage.plugin import SchemaBehindError
+from llmgateway.plugins.storage.sql import fetch
+from llmgateway.plugins.storage.writer import UsageWriter
+from tests.conftest import GatewayFactory, sdk
+from tests.test_storage_support import (
+    database_url,
+    decision,
+    decision_rows,
+    opened,
+    pg_database,
+    record,
+    usage_rows,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+LATEST = ["0001_initial", "0002_usage_hour_rollup_savings_unique_decisions"]
+
+DEMO = """
+[providers.demo]
+type = "demo"
+
+[[models]]
+name = "demo"
+deployments = [{ provider = "demo", model = "demo-1" }]
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    async with database_url(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    async with opened(db_url) as database:
+        yield database
+
+
+def llmgateway(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmgateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd or REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        check=False,
+    )
+
+
+# ---- fresh install -----------------------------------------------------------------------------
+
+
+async def test_fresh_install_creates_the_sqlite_schema_and_fills_the_usage_table(
+    serve_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """No [database] section at all: the default SQLite file appears next to gateway.toml, migrated,
+    and every request (plain and streamed) leaves exactly one usage row and one routing decision."""
+    async with serve_gateway(DEMO) as url:
+        async with sdk(url) as client:
+            plain = await client.chat.completions.with_raw_response.create(
+                model="demo", messages=[{"role": "user", "content": "one two three"}]
+            )
+            streamed = await client.chat.completions.with_raw_response.create(
+                model="demo", messages=[{"role": "user", "content": "four"}], stream=True
+            )
+            async for _ in streamed.parse():
+                pass
+    database = tmp_path / "llmgateway.db"
+    assert database.exists()
+    url = f"sqlite://{database}"
+    async with opened(url, migrate=False) as database:
+        status = await database.status()
+    assert status.applied == LATEST
+    assert status.pending == []
+    rows = {r["request_id"]: r for r in await usage_rows(url)}
+    plain_id, stream_id = plain.headers["x-request-id"], streamed.headers["x-request-id"]
+    assert set(rows) == {plain_id, stream_id}
+    assert rows[plain_id]["streamed"] in (0, False)
+    assert rows[stream_id]["streamed"] in (1, True)
+    for row in rows.values():
+        assert row["alias"] == "demo"
+        assert row["provider"] == "demo"
+        assert row["deployment"] == "demo/demo/demo-1#0"
+        assert row["status"] == 200
+        assert row["prompt_tokens"] > 0
+        assert row["completion_tokens"] > 0
+        assert row["latency_ms"] > 0
+        assert row["hour"] > 0
+    assert rows[stream_id]["ttft_ms"] is not None
+    decisions = await decision_rows(url)
+    assert sorted(d["request_id"] for d in decisions) == sorted([plain_id, stream_id])
+    assert all(d["strategy"] == "ordered" and d["outcome"] == "success" for d in decisions)
+
+
+async def test_usage_row_carries_cost_tokens_and_identity(
+    serve_gateway: GatewayFactory, upstream: tuple[object, str], tmp_path: Path
+) -> None:
+    """The openai provider against the fake upstream (usage 11 in / 9 out / 3 cached): the row has
+    the cost from the shipped price table, the tokens, and the caller's key id."""
+    _, upstream_url = upstream
+    toml = textwrap.dedent(
+        f"""
+        [auth]
+        master_key = "mk-storage-test-123"
+
+        [providers.local]
+        type = "openai"
+        base_url = "{upstream_url}/v1"
+        api_key = "sk-upstream-test"
+
+        [[models]]
+        name = "mini"
+        deployments = [{{ provider = "local", model = "gpt-4o-mini" }}]
+        """
+    )
+    async with serve_gateway(toml) as url:
+        async with sdk(url, api_key="mk-storage-test-123") as client:
+            response = await client.chat.completions.with_raw_response.create(
+                model="mini", messages=[{"role": "user", "content": "hi"}]
+            )
+    (row,) = await usage_rows(f"sqlite://{tmp_path / 'llmgateway.db'}")
+    assert row["request_id"] == response.headers["x-request-id"]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (11, 9, 3)
+    expected = (8 * 0.15 + 3 * 0.075 + 9 * 0.60) / 1_000_000
+    assert float(row["cost"]) == pytest.approx(expected, abs=1e-8)
+    assert row["key_id"] == "master"
+    assert row["upstream_model"] == "gpt-4o-mini-2024"
+    assert row["cache_hit"] in (0, False)
+    assert row["client_disconnected"] in (0, False)
+
+
+async def test_postgres_database_from_config(serve_gateway: GatewayFactory) -> None:
+    async with pg_database() as pg_url:
+        toml = f'[database]\nurl = "{pg_url}"\n' + DEMO
+        async with serve_gateway(toml) as url:
+            async with httpx.AsyncClient(base_url=url) as http:
+                ready = await http.get("/health/ready")
+                answer = await http.post(
+                    "/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "x"}]}
+                )
+        assert ready.json()["checks"]["storage"].startswith("ok")
+        rows = await usage_rows(pg_url)
+        assert [r["request_id"] for r in rows] == [answer.headers["x-request-id"]]
+        assert rows[0]["created_at"].tzinfo is not None
+
+
+# ---- migrations --------------------------------------------------------------------------------
+
+
+async def test_migrations_from_an_empty_database(db_url: str) -> None:
+    async with opened(db_url, migrate=False) as database:
+        assert (await database.status()).pending == LATEST
+        assert await database.migrate() == LATEST
+        assert await database.migrate() == []
+        status = await database.status()
+        assert (status.applied, status.pending) == (LATEST, [])
+        from llmgateway.plugins.storage.models import ApiKey, Team
+
+        with database.activate():
+            team = await Team.create(id="t1", name="Team one")
+            await ApiKey.create(id="k1", key_hash="h" * 64, prefix="sk-lg-x", team=team)
+            assert await ApiKey.filter(team_id="t1").count() == 1
+
+
+async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None:
+    """A database created at 0001 with rows in it upgrades to the latest: the new hour column is
+    filled from created_at, duplicate decisions are removed, fell_back is derived from fallbacks."""
+    async with opened(db_url, target="0001_initial") as database:
+        assert (await database.status()).pending == LATEST[1:]
+        connection = database.connection
+        with database.activate():
+            await connection.execute_script(
+                "INSERT INTO usage_records (request_id, created_at, endpoint, prompt_tokens, completion_tokens, "
+                "cached_tokens, reasoning_tokens, usage_estimated, latency_ms, status, cache_hit, streamed, "
+                "client_disconnected, attempts, metadata, cost) VALUES ('old-1', '2024-05-01 13:45:12.5+00:00', "
+                "'chat.completions', 11, 9, 0, 0, false, 12.5, 200, false, false, false, 1, '{}', 0.25)"
+            )
+            for fallbacks in ('["x"]', "[]"):
+                await connection.execute_script(
+                    "INSERT INTO routing_decisions (request_id, created_at, alias, strategy, reason, candidates, "
+                    f"fallbacks, outcome) VALUES ('old-1', '2024-05-01 13:45:12+00:00', 'a', 'ordered', 'why', "
+                    f"'[]', '{fallbacks}', 'success')"
+                )
+        assert await database.migrate() == LATEST[1:]
+        (row,) = await fetch(database, "SELECT request_id, hour, prompt_tokens, cost FROM usage_records")
+        assert row["hour"] == 476269  # 2024-05-01 13:00 UTC in hours since 1970
+        assert (row["prompt_tokens"], float(row["cost"])) == (11, 0.25)
+        decisions = await fetch(database, "SELECT request_id, fell_back FROM routing_decisions")
+        assert [(d["request_id"], bool(d["fell_back"])) for d in decisions] == [("old-1", True)]
+        # the new constraint and columns work
+        writer = UsageWriter(database, spool_dir="/nonexistent")
+        writer.put(record("new-1", cached=2), decision(fallbacks=["b"]))
+        writer.put(record("new-1"), decision())  # the same request again: ignored
+        await writer.flush()
+        decided = await fetch(database, "SELECT request_id FROM routing_decisions ORDER BY request_id")
+        assert [r["request_id"] for r in decided] == ["new-1", "old-1"]
+        # and it rolls back to 0001 and forward again
+        assert await database.migrate("0001_initial") == ["-" + LATEST[1]]
+        assert await database.migrate() == LATEST[1:]
+
+
+async def test_migrate_on_startup_false_refuses_a_stale_schema(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    toml = "[database]\nmigrate_on_startup = false\n" + DEMO
+    path.write_text(toml)
+    app = create_app(parse_config(toml, file=str(path)))
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    with pytest.raises(SchemaBehindError, match="run `llmgateway db migrate`"):
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)  # type: ignore[arg-type]
+    assert sent[-1]["type"] == "lifespan.startup.failed"
+
+
+def test_cli_db_migrate_status_and_cleanup(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[database]\nurl = "sqlite://data/usage.db"\n' + DEMO)
+    before = llmgateway("db", "status", "--config", str(config), "--check")
+    assert before.returncode == 1, before.stderr
+    assert "[pending] 0001_initial" in before.stdout
+    migrated = llmgateway("db", "migrate", "--config", str(config))
+    assert migrated.returncode == 0, migrated.stderr
+    assert "applied 0001_initial" in migrated.stdout
+    assert (tmp_path / "data" / "usage.db").exists()  # relative to the config file, not the cwd
+    after = llmgateway("db", "status", "--config", str(config), "--check")
+    assert after.returncode == 0, after.stderr
+    assert "up to date" in after.stdout
+    cleanup = llmgateway("db", "cleanup", "--config", str(config))
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert "rolled up" in cleanup.stdout
+    back = llmgateway("db", "migrate", "--config", str(config), "--to", "0001_initial")
+    assert back.returncode == 0, back.stderr
+    assert "rolled back 0002" in back.stdout
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('url = "redis://x"', "key 'database.url': must start with one of"),
+        ("batch_sise = 3", "key 'database.batch_sise': is not a known setting"),
+        ("[database.write_behind]\nbatch_size = 0", "key 'database.write_behind.batch_size': must be at least 1"),
+        ('[database.retention]\nschedule = "hourly"', "key 'database.retention.schedule': must be a cron expression"),
+        ("[database.retention]\nraw_days = 1\nlate_hours = 48", "key 'database.retention.late_hours': must be shorter"),
+    ],
+)
+def test_database_section_errors_name_the_key(section: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        create_app(parse_config("[database]\n" + section + "\n" + DEMO, file="/tmp/gateway.toml"))
+
+
+# ---- write-behind ------------------------------------------------------------------------------
+
+
+async def test_writer_flushes_in_batches_without_losing_or_duplicating(db: Database, tmp_path: Path) -> None:
+    writer = UsageWriter(db, batch_size=50, flush_interval=0.05, spool_dir=str(tmp_path / "spool"))
+    with db.activate():
+        writer.start()
+    ids = [f"req_{i:05d}" for i in range(1234)]
+    team = Principal(kind="virtual_key", key_id="k1", user_id="u1", team_id="t1")
+    for i, request_id in enumerate(ids):
+        writer.put(record(request_id, principal=team, cached=i % 3), decision() if i % 2 else None)
+        if i % 100 == 0:
+            await asyncio.sleep(0)  # requests interleave with the flusher
+    await writer.stop()
+    rows = await fetch(db, "SELECT request_id, key_id, user_id, team_id FROM usage_records ORDER BY request_id")
+    assert [r["request_id"] for r in rows] == ids
+    assert {(r["key_id"], r["user_id"], r["team_id"]) for r in rows} == {("k1", "u1", "t1")}
+    assert len(await fetch(db, "SELECT id FROM routing_decisions")) == 617
+    assert writer.stats.batches >= 1234 // 50
+    assert writer.stats.spooled == 0
+
+
+async def test_full_queue_spills_to_the_spool_and_is_replayed(db: Database, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    writer = UsageWriter(db, batch_size=10, flush_interval=30, queue_size=25, spool_dir=str(spool))
+    # no flusher running: the queue fills up and overflows into the spool file
+    for i in range(60):
+        writer.put(record(f"req_{i:03d}"), None)
+    assert writer.stats.overflowed == 50
+    assert len(writer.queue) == 10
+    assert sum(len(p.read_text().splitlines()) for p in spool.iterdir()) == 50
+    with db.activate():
+        writer.start()  # the flusher replays the spool first, then writes the queue
+    await writer.stop()
+    rows = await fetch(db, "SELECT request_id FROM usage_records ORDER BY request_id")
+    assert [r["request_id"] for r in rows] == [f"req_{i:03d}" for i in range(60)]
+    assert writer.stats.replayed == 50
+    assert list(spool.iterdir()) == []
+
+
+async def test_spool_left_by_a_stopped_process_is_replayed_once(db: Database, tmp_path: Path) -> None:
+    """Rows spooled by one process (database down at shutdown) are written by the next one."""
+    spool = str(tmp_path / "spool")
+    down = Database(f"sqlite://{tmp_path / 'missing-dir' / 'x.db'}")  # never opened: every write fails
+    first = UsageWriter(down, spool_dir=spool, timeout=1)
+    first.put(record("req_a"), decision())
+    first.put(record("req_b"), None)
+    await first.stop()
+    assert first.stats.spooled == 2
+    first.put(record("req_c"), None)  # a request that ends after shutdown: straight to the spool
+    assert first.stats.spooled == 3
+    # a different process (pid) of the past: mark the files as belonging to a dead pid
+    for path in Path(spool).iterdir():
+        parts = path.name.split("-")
+        path.rename(path.with_name("-".join([parts[0], "999999", *parts[2:]])))
+    second = UsageWriter(db, spool_dir=spool)
+    assert await second.replay() == 3
+    assert await second.replay() == 0
+    rows = await fetch(db, "SELECT request_id FROM usage_records ORDER BY request_id")
+    assert [r["request_id"] for r in rows] == ["req_a", "req_b", "req_c"]
+    assert len(await fetch(db, "SELECT request_id FROM routing_decisions")) == 1
+
+
+async def test_decision_rows_via_url_helper(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'd.database'}"
+    async with opened(url) as database:
+        writer = UsageWriter(database, spool_dir=str(tmp_path / "spool"))
+        writer.put(record("r1"), decision(fallbacks=["chat/local/n#1"]))
+        await writer.flush()
+    (row,) = await decision_rows(url)
+    assert row["request_id"] == "r1"
+    assert bool(row["fell_back"])
