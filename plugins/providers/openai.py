@@ -18,6 +18,7 @@ import orjson
 
 from llmgateway.core.errors import UpstreamProtocolError, error_from_upstream_status, map_upstream_errors
 from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.http import post_bytes
 from llmgateway.core.provider import (
     Provider,
     UpstreamCall,
@@ -62,13 +63,14 @@ class OpenAIProvider(Provider):
     async def _post_json(self, path: str, call: UpstreamCall) -> dict[str, Any]:
         self.check_params(call)
         with map_upstream_errors(self.name, self.secrets):
-            response = await self.http.post(
+            response = await post_bytes(
+                self.http,
                 self.url(path, call.deployment.model),
                 content=orjson.dumps(call.body),
                 headers=self.request_headers(call),
                 params=self.params or None,
             )
-            body = await response.aread()
+            body = response.content
         call.response_headers = self.rate_limit_headers(response.headers)
         self.raise_for_status(response, body)
         with map_upstream_errors(self.name, self.secrets):

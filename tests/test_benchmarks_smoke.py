@@ -1,0 +1,154 @@
+"""The benchmark command runs end to end (tiny settings, no LiteLLM), and the hot-path shortcut added
+for speed (``core.http.post_bytes``) behaves exactly like ``client.post`` + ``aread``.
+
+No timing is asserted here: speed is measured by ``python -m benchmarks run`` (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmgateway.core.config import ProviderConfig
+from llmgateway.core.http import GatewayClient, make_client, post_bytes
+from tests.servers import free_port, running
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "run",
+            "--quick",
+            "--skip-litellm",
+            "--chain",
+            "core",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads((tmp_path / "latest.json").read_text())
+    results = data["results"]
+    for key in ("direct", "llmgateway"):
+        phases = results[key]["phases"]
+        assert set(phases) == {"plain_c1", "plain_c32", "stream_c1", "stream_c16"}
+        for phase in phases.values():
+            assert phase["requests"] > 0
+            assert phase["errors"] == 0
+    assert results["llmgateway"]["rss_after_load_mb"] > 0
+    assert results["llmgateway"]["phases"]["plain_c32"]["cpu_ms_per_request"] > 0
+    assert results["llmgateway"]["phases"]["stream_c1"]["ttft_p50_ms"] > 0
+    assert "| llmgateway (hypercorn, 1 worker) |" in (tmp_path / "latest.md").read_text()
+    assert {t["target"] for t in data["summary"]["targets"]} >= {"RSS ≤ 80 MB after load"}
+
+
+class Recorder:
+    """An upstream that records the headers it got and answers gzip JSON with a cookie and limits."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[tuple[str, str]]] = []
+        self.delay = 0.0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.seen.append([(k.decode(), v.decode()) for k, v in scope["headers"]])
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        payload = gzip.compress(b'{"ok": true, "echo": ' + body + b"}")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-encoding", b"gzip"),
+            (b"x-ratelimit-remaining-requests", b"7"),
+            (b"set-cookie", b"session=abc; Path=/"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
+        status = 429 if scope["path"].endswith("/limited") else 200
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _client(**overrides: Any) -> httpx.AsyncClient:
+    config = ProviderConfig(name="p", type="openai", **overrides)
+    return make_client(config)
+
+
+async def test_post_bytes_matches_client_post() -> None:
+    recorder = Recorder()
+    async with running(recorder) as url:
+        headers = {"content-type": "application/json", "authorization": "Bearer sk-x", "accept": "application/json"}
+        results = []
+        for fast in (True, False):
+            async with _client() as client:
+                assert isinstance(client, GatewayClient)
+                if fast:
+                    response = await post_bytes(client, f"{url}/v1/chat", content=b'{"a":1}', headers=headers)
+                else:
+                    response = await client.post(f"{url}/v1/chat", content=b'{"a":1}', headers=headers)
+                    await response.aread()
+                results.append(
+                    (response.status_code, response.content, response.headers["x-ratelimit-remaining-requests"])
+                )
+                assert client.cookies.get("session") == "abc"  # kept like httpx keeps it
+                # the cookie now goes back upstream: post_bytes takes httpx's own path for that
+                await post_bytes(client, f"{url}/v1/chat", content=b"{}", headers=headers)
+                assert ("cookie", "session=abc") in recorder.seen[-1]
+        assert results[0] == results[1]
+        assert results[0][1] == b'{"ok": true, "echo": {"a":1}}'
+        fast_seen, slow_seen = recorder.seen[0], recorder.seen[2]
+        assert fast_seen == slow_seen  # same headers, same order, on the wire
+
+        async with _client() as client:
+            limited = await post_bytes(client, f"{url}/limited", content=b"{}", headers=headers)
+            assert limited.status_code == 429
+            assert limited.json()["ok"] is True
+
+
+async def test_post_bytes_errors_are_httpx_errors() -> None:
+    recorder = Recorder()
+    recorder.delay = 1.0
+    async with running(recorder) as url:
+        caught = []
+        for fast in (True, False):
+            async with _client(timeout=0.2) as client:
+                with pytest.raises(httpx.TimeoutException) as error:
+                    if fast:
+                        await post_bytes(client, f"{url}/v1/chat", content=b"{}", headers={})
+                    else:
+                        await client.post(f"{url}/v1/chat", content=b"{}")
+                caught.append(type(error.value))
+        assert caught[0] is caught[1]
+    async with _client(connect_timeout=1.0) as client:
+        with pytest.raises(httpx.ConnectError):
+            await post_bytes(client, f"http://127.0.0.1:{free_port()}/v1/chat", content=b"{}", headers={})
