@@ -11,11 +11,11 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 
 from llmgateway.core import rbac
-from llmgateway.core.app import create_app
+from llmgateway.core.app import create_app, gateway_of
 from llmgateway.core.config import parse_config
 from llmgateway.core.types import ROLES
 from tests.conftest import GatewayFactory
-from tests.test_security_support import MASTER_KEY, auth, chat, config, create_key, security_db
+from tests.test_security_support import MASTER_KEY, auth, chat, config, create_key, database, security_db
 
 __all__ = ["security_db"]
 
@@ -29,12 +29,10 @@ FULL = config(
 
 
 def _starlette(app: Any) -> Starlette:
-    seen = 0
-    while not isinstance(app, Starlette):
-        app = app.app  # through RequestIdMiddleware and plugins' ASGI wrappers
-        seen += 1
-        assert seen < 50, "no Starlette app inside the middleware chain"
-    return app
+    """The Starlette router inside the middleware chain (plugins' ASGI wrappers may be closures)."""
+    router = gateway_of(app).state["starlette"]
+    assert isinstance(router, Starlette)
+    return router
 
 
 def routes_of(app: Any) -> list[tuple[str, str, str | None]]:
@@ -68,7 +66,7 @@ def _path(path: str) -> str:
 
 
 async def test_route_by_role_matrix_equals_the_policy_table(serve_gateway: GatewayFactory, security_db: str) -> None:
-    async with serve_gateway(FULL) as url:
+    async with serve_gateway(database(security_db) + FULL) as url:
         app_routes = routes_of(create_app(parse_config(FULL)))
         keys = {role: (await create_key(url, roles=[role], name=f"rbac-{role}"))["key"] for role in ROLES}
         actual: dict[tuple[str, str], dict[str, bool]] = {}

@@ -4,16 +4,17 @@ gets a plain 401 in the OpenAI error envelope: no 500, no echo of what was sent,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmgateway.core.app import create_app
+from llmgateway.core.app import create_app, gateway_of
 from llmgateway.core.config import parse_config
 from tests.servers import running
-from tests.test_security_support import MASTER_KEY, auth, chat, config, create_key, security_db
+from tests.test_security_support import MASTER_KEY, auth, chat, config, create_key, database, orm, security_db
 
 __all__ = ["security_db"]
 
@@ -52,15 +53,16 @@ _HEADER = st.one_of(
 
 
 @pytest.fixture(scope="module")
-async def locked_gateway(security_db: str) -> AsyncIterator[str]:
-    toml = config('[auth.jwt]\nsecret = "a-fuzzing-secret-that-is-32-bytes-long"\n')
-    async with running(create_app(parse_config(toml))) as url:
-        yield url
+async def locked_gateway(security_db: str) -> AsyncIterator[tuple[str, Any]]:
+    toml = config(database(security_db), '[auth.jwt]\nsecret = "a-fuzzing-secret-that-is-32-bytes-long"\n')
+    app = create_app(parse_config(toml))
+    async with running(app) as url:
+        yield url, gateway_of(app)
 
 
 @pytest.fixture(scope="module")
-async def client(locked_gateway: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=locked_gateway, timeout=30) as http:
+async def client(locked_gateway: tuple[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=locked_gateway[0], timeout=30) as http:
         yield http
 
 
@@ -85,13 +87,15 @@ async def test_fuzzed_authorization_headers_get_only_401s(
 
 
 async def test_sql_injection_in_the_key_gets_a_plain_401_and_changes_nothing(
-    locked_gateway: str, security_db: str
+    locked_gateway: tuple[str, Any], security_db: str
 ) -> None:
     from llmgateway.plugins.storage.models import ApiKey
 
-    await create_key(locked_gateway, name="bystander")
-    before = sorted((k.id, k.revoked_at) for k in await ApiKey.all())
-    async with httpx.AsyncClient(base_url=locked_gateway, timeout=30) as http:
+    url, gateway = locked_gateway
+    await create_key(url, name="bystander")
+    with orm(gateway):
+        before = sorted((k.id, k.revoked_at) for k in await ApiKey.all())
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         for attack in SQL:
             for token in (attack, "sk-lg-" + attack, "sk-lg-x" + attack):
                 response = await http.post("/v1/chat/completions", json=chat(), headers=auth(token))
@@ -100,4 +104,5 @@ async def test_sql_injection_in_the_key_gets_a_plain_401_and_changes_nothing(
                 check_401(admin, token)
         still = await http.get("/admin/api/keys", headers=auth(MASTER_KEY))
         assert still.status_code == 200
-    assert sorted((k.id, k.revoked_at) for k in await ApiKey.all()) == before
+    with orm(gateway):
+        assert sorted((k.id, k.revoked_at) for k in await ApiKey.all()) == before

@@ -23,6 +23,8 @@ from tests.test_security_support import (
     chat,
     config,
     create_key,
+    database,
+    orm,
     redis_prefix,
     security_db,
 )
@@ -48,7 +50,8 @@ async def test_a_created_key_works_once_shown_and_is_stored_only_as_a_hash(
 ) -> None:
     from llmgateway.plugins.storage.models import ApiKey
 
-    async with serve_gateway(config()) as url:
+    async with serve_gateway(config(database(security_db))) as url:
+        gateway = serve_gateway.gateway  # type: ignore[attr-defined]
         created = await create_key(url, name="ci", metadata={"owner": "ci"})
         key = created["key"]
         assert key.startswith("sk-lg-")
@@ -60,6 +63,8 @@ async def test_a_created_key_works_once_shown_and_is_stored_only_as_a_hash(
         async with httpx.AsyncClient(base_url=url) as http:
             listed = (await http.get("/admin/api/keys", headers=auth(MASTER_KEY))).json()["data"]
             one = (await http.get(f"/admin/api/keys/{created['id']}", headers=auth(MASTER_KEY))).json()
+        with orm(gateway):
+            row = await ApiKey.get(id=created["id"])
     mine = [k for k in listed if k["id"] == created["id"]]
     assert mine
     assert "key" not in mine[0]
@@ -67,7 +72,6 @@ async def test_a_created_key_works_once_shown_and_is_stored_only_as_a_hash(
     assert one["metadata"] == {"owner": "ci"}
     assert one["roles"] == ["user"]
     assert key not in orjson.dumps(listed).decode()
-    row = await ApiKey.get(id=created["id"])
     assert row.key_hash == hashlib.sha256(key.encode()).hexdigest()
     assert key not in orjson.dumps(dict(row)).decode()
 
@@ -77,10 +81,11 @@ async def test_unknown_revoked_and_expired_keys_get_401(serve_gateway: GatewayFa
 
     from llmgateway.plugins.storage.models import ApiKey
 
-    async with serve_gateway(config()) as url:
+    async with serve_gateway(config(database(security_db))) as url:
         revoked = await create_key(url)
         expired = await create_key(url, expires_in="1h")
-        await ApiKey.filter(id=expired["id"]).update(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        with orm(serve_gateway.gateway):  # type: ignore[attr-defined]
+            await ApiKey.filter(id=expired["id"]).update(expires_at=datetime.now(UTC) - timedelta(seconds=1))
         async with httpx.AsyncClient(base_url=url) as http:
             gone = await http.delete(f"/admin/api/keys/{revoked['id']}", headers=auth(MASTER_KEY))
             assert gone.status_code == 200
@@ -96,9 +101,10 @@ async def test_allowed_models_are_the_intersection_of_key_user_and_team(
 ) -> None:
     from llmgateway.plugins.storage.models import Team, User
 
-    team = await Team.create(id="t-models", name="t-models", allowed_models=["demo", "other"])
-    await User.create(id="u-models", email="u-models@example.com", team=team, allowed_models=["demo"])
-    async with serve_gateway(config("[server]\npublic_models = false\n", TWO_MODELS)) as url:
+    async with serve_gateway(config(database(security_db), "[server]\npublic_models = false\n", TWO_MODELS)) as url:
+        with orm(serve_gateway.gateway):  # type: ignore[attr-defined]
+            team = await Team.create(id="t-models", name="t-models", allowed_models=["demo", "other"])
+            await User.create(id="u-models", email="u-models@example.com", team=team, allowed_models=["demo"])
         key = (await create_key(url, user_id="u-models", allowed_models=["demo", "other"]))["key"]
         async with sdk(url, key) as client:
             await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
@@ -109,7 +115,7 @@ async def test_allowed_models_are_the_intersection_of_key_user_and_team(
 
 
 async def test_admin_api_rejects_what_the_caller_may_not_set(serve_gateway: GatewayFactory, security_db: str) -> None:
-    async with serve_gateway(config()) as url:
+    async with serve_gateway(config(database(security_db))) as url:
         operator = (await create_key(url, roles=["operator"]))["key"]
         viewer = (await create_key(url, roles=["viewer"]))["key"]
         admin_key = await create_key(url, roles=["admin"])
@@ -141,12 +147,15 @@ async def test_a_revoked_key_stops_working_on_another_replica_at_once(
     serve_gateway: GatewayFactory, security_db: str, redis_prefix: str
 ) -> None:
     """Replica B caches keys for five minutes; only the Redis revocation message can stop it."""
-    keys_section = f"""
+    keys_section = (
+        database(security_db)
+        + f"""
     [auth.keys]
     cache_ttl = 300
     redis_url = "{REDIS_URL}"
     channel = "{redis_prefix}keys"
     """
+    )
     async with serve_gateway(config(keys_section)) as url_a:
         replica_a = serve_gateway.gateway  # type: ignore[attr-defined]
         async with serve_gateway(config(keys_section)) as url_b:
@@ -173,8 +182,7 @@ async def test_a_revoked_key_stops_working_on_another_replica_at_once(
 
 def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, security_db: str) -> None:
     path = tmp_path / "gateway.toml"
-    path.write_text(config('[plugins]\nmodules = ["tests.test_security_support"]\n'))
-    env = {"LLMGW_TEST_DB": security_db}
+    path.write_text(config(database(security_db)))
 
     def run(*args: str) -> str:
         import os
@@ -182,7 +190,7 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path: Path, security_db: str) ->
         result = subprocess.run(
             [sys.executable, "-m", "llmgateway", "keys", *args, "--config", str(path)],
             cwd=REPO,
-            env={**os.environ, **env},
+            env=os.environ,
             capture_output=True,
             text=True,
             timeout=60,

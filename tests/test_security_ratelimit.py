@@ -22,7 +22,9 @@ from tests.test_security_support import (
     chat,
     config,
     create_key,
+    database,
     gateway_processes,
+    orm,
     redis_prefix,
     security_db,
 )
@@ -80,6 +82,9 @@ async def test_requests_per_minute_are_exact_under_concurrency(serve_gateway: Ga
     toml = config(f"[ratelimit]\n{backend}[ratelimit.models.demo]\nrpm = 5\n")
     async with serve_gateway(toml) as url:
         responses = await post_many(url, 12)
+        stats = serve_gateway.gateway.pm.get_plugin("ratelimit").stats  # type: ignore[attr-defined]
+    assert stats["redis_errors"] == 0
+    assert stats["local_fallbacks"] == 0
     ok = [r for r in responses if r.status_code == 200]
     assert len(ok) == 5
     for refused in (r for r in responses if r.status_code != 200):
@@ -93,8 +98,9 @@ async def test_requests_per_minute_are_exact_under_concurrency(serve_gateway: Ga
 async def test_key_and_team_limits_come_from_their_rows(serve_gateway: GatewayFactory, security_db: str) -> None:
     from llmgateway.plugins.storage.models import Team
 
-    await Team.create(id="t-rpm", name="t-rpm", rpm=4)
-    async with serve_gateway(config()) as url:
+    async with serve_gateway(config(database(security_db))) as url:
+        with orm(serve_gateway.gateway):  # type: ignore[attr-defined]
+            await Team.create(id="t-rpm", name="t-rpm", rpm=4)
         solo = (await create_key(url, rpm=3))["key"]
         first = (await create_key(url, team_id="t-rpm"))["key"]
         second = (await create_key(url, team_id="t-rpm"))["key"]

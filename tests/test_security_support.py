@@ -1,8 +1,8 @@
 """Fixtures and helpers shared by the security tests (no tests here).
 
-* ``security_db``: a throwaway PostgreSQL database for the session with the data model's tables.
-  Until the storage plugin initialises the ORM itself, this fixture does (global fallback context),
-  and subprocess gateways load this module as a plugin to do the same.
+* ``security_db``: the URL of a throwaway PostgreSQL database for the session; gateways get it as
+  ``[database] url`` (:func:`database`) and the storage plugin migrates it; test bodies use the
+  models inside ``with orm(gateway):``.
 * ``redis_prefix``: a unique Redis key prefix per test, its keys deleted afterwards.
 * :func:`create_key`: a virtual key made through the admin API, as an operator would.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,6 @@ import pytest
 from llmgateway.core.hookspecs import hookimpl
 from tests.conftest import require_service
 from tests.servers import free_port
-
-with warnings.catch_warnings():  # models.py still uses Tortoise's deprecated ``pk=True`` (storage owns it)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import llmgateway.plugins.storage.models  # noqa: F401
 
 MASTER_KEY = "mk-security-tests-0123456789"
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -87,34 +83,34 @@ _db: dict[str, Any] = {"users": 0, "url": None, "name": None}
 
 @pytest.fixture(scope="session")
 async def security_db() -> AsyncIterator[str]:
-    """The URL of a fresh PostgreSQL database holding the data model, current for the ORM.
+    """The URL of a fresh PostgreSQL database (the storage plugin migrates it on first use).
 
     Test modules import this fixture, so pytest may set it up once per module: the database is
     shared and dropped when the last user is done.
     """
     require_service("PostgreSQL", "127.0.0.1", 5432)
-    from tortoise import Tortoise
-
     if _db["users"] == 0:
         name = f"llmgw_sec_{secrets.token_hex(4)}"
         await pg_execute(f'CREATE DATABASE "{name}"')
-        url = f"postgres://postgres@127.0.0.1:5432/{name}"
-        await Tortoise.init(
-            db_url=url, modules={"models": ["llmgateway.plugins.storage.models"]}, _enable_global_fallback=True
-        )
-        await Tortoise.generate_schemas()
-        _db.update(name=name, url=url)
+        _db.update(name=name, url=f"postgres://postgres@127.0.0.1:5432/{name}")
     _db["users"] += 1
     try:
         yield str(_db["url"])
     finally:
         _db["users"] -= 1
         if _db["users"] == 0:
-            from tortoise import context as tortoise_context
-
-            await Tortoise.close_connections()
-            tortoise_context._global_context = None
             await pg_execute(f'DROP DATABASE IF EXISTS "{_db["name"]}" WITH (FORCE)')
+
+
+def database(url: str) -> str:
+    return f'[database]\nurl = "{url}"\n'
+
+
+@contextlib.contextmanager
+def orm(gateway: Any) -> Iterator[None]:
+    """Use the models on ``gateway``'s database (its storage plugin's connections)."""
+    with gateway.state["storage"].db.activate():
+        yield
 
 
 @pytest.fixture
@@ -133,24 +129,12 @@ async def redis_prefix() -> AsyncIterator[str]:
         await client.aclose()
 
 
-# For subprocess gateways only (``[plugins] modules = ["tests.test_security_support"]``): the ORM
-# on ``$LLMGW_TEST_DB``, until the storage plugin does it from ``[database]``.
-@hookimpl(tryfirst=True)
-async def llmgateway_startup(gateway: Any) -> None:
-    from tortoise import Tortoise
-
-    await Tortoise.init(
-        db_url=os.environ["LLMGW_TEST_DB"],
-        modules={"models": ["llmgateway.plugins.storage.models"]},
-        _enable_global_fallback=True,
-    )
-
-
+# Loaded by subprocess gateways (``[plugins] modules = ["tests.test_security_support"]``) that must
+# log everything at DEBUG to stderr, so a leaked secret would show there.
 @hookimpl
-async def llmgateway_shutdown(gateway: Any) -> None:
-    from tortoise import Tortoise
-
-    await Tortoise.close_connections()
+def llmgateway_configure(config: Any) -> None:
+    if os.environ.get("LLMGW_TEST_DEBUG_LOGS"):
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, force=True)
 
 
 class GatewayProcess:
@@ -193,7 +177,8 @@ class GatewayProcess:
         self._stderr.close()
 
     def stderr(self) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:
+            self._stderr.flush()
         return self.stderr_path.read_text(errors="replace")
 
 

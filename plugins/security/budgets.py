@@ -13,6 +13,12 @@ is refused — 429 ``insufficient_quota`` — so concurrent requests can never o
 request ends (``ctx.on_finish``: success, error or disconnect) the reservation is replaced by the
 real cost (``ctx.cost``).
 
+If Redis fails (``redis_timeout`` seconds to connect or answer, default 1), ``on_redis_error``
+decides: ``refuse`` (default: budgeted requests get a 429 ``budget_unavailable`` until Redis answers
+again — overspending is impossible), ``local`` (each process keeps its own counters, started from the
+usage rows: replicas may then together overspend), ``allow``. Redis is retried after
+``redis_retry_interval`` seconds. Never a 5xx.
+
 Spend is counted in integer nano-dollars. It survives restarts: Redis keeps it (one hash per budget
 and period); the memory backend — and Redis when a period's counter is missing — starts from the sum
 of the period's usage rows. Reservations in Redis are leases: a replica that dies holding one
@@ -148,8 +154,8 @@ for i = 1, n do
     if #old == 0 then break end
     for j = 1, #old do
       local f = 'r:' .. old[j]
-      local held = tonumber(redis.call('HGET', h, f) or '0')
-      if held ~= 0 then redis.call('HINCRBY', h, 'reserved', -held) end
+      local held = redis.call('HGET', h, f)
+      if held and held ~= '0' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
       redis.call('HDEL', h, f)
     end
     redis.call('ZREM', leases, unpack(old))
@@ -160,33 +166,34 @@ for i = 1, n do
 end
 for i = 1, n do
   local h, leases = KEYS[2*i-1], KEYS[2*i]
-  redis.call('HINCRBY', h, 'reserved', amount)
-  redis.call('HSET', h, 'r:' .. member, amount)
+  redis.call('HINCRBY', h, 'reserved', ARGV[2])
+  redis.call('HSET', h, 'r:' .. member, ARGV[2])
   redis.call('ZADD', leases, now + lease, member)
 end
 return {1, 0, 0}
 """
 
 SETTLE_LUA = """
-local member, cost = ARGV[1], tonumber(ARGV[2])
+-- amounts stay strings: Lua would print large numbers as 1e+14 and zero negated as -0
+local member, cost = ARGV[1], ARGV[2]
 local n = #KEYS / 2
 for i = 1, n do
   local h, leases = KEYS[2*i-1], KEYS[2*i]
   local f = 'r:' .. member
   local held = redis.call('HGET', h, f)
   if held then
-    redis.call('HINCRBY', h, 'reserved', -tonumber(held))
+    if held ~= '0' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
     redis.call('HDEL', h, f)
   end
   redis.call('ZREM', leases, member)
-  if cost ~= 0 then redis.call('HINCRBY', h, 'spent', cost) end
+  if cost ~= '0' then redis.call('HINCRBY', h, 'spent', cost) end
 end
 return 1
 """
 
 SEED_LUA = """
 if redis.call('HSETNX', KEYS[1], 'seeded', 1) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'spent', tonumber(ARGV[1]))
+  redis.call('HINCRBY', KEYS[1], 'spent', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'reserved', 0)
 end
 local ttl = tonumber(ARGV[2])
@@ -261,9 +268,9 @@ class BudgetsPlugin:
         self.backend_name = "memory"
         self.redis_url: str | None = None
         self.key_prefix = "llmgateway:"
-        self.redis_timeout = 0.25
+        self.redis_timeout = 1.0
         self.redis_max_connections = 256
-        self.on_redis_error = "local"
+        self.on_redis_error = "refuse"
         self.redis_retry_interval = 5.0
         self.default_max_output_tokens = 4096
         self.seed_from_usage = True
@@ -276,7 +283,13 @@ class BudgetsPlugin:
         self._seed_locks: dict[str, asyncio.Lock] = {}
         self.resolver = LimitsResolver()
         self._models: dict[str, ModelGroup] = {}
-        self.stats: dict[str, int] = {"redis_errors": 0, "local_fallbacks": 0, "refused": 0}
+        self.stats: dict[str, int] = {
+            "redis_errors": 0,
+            "local_fallbacks": 0,
+            "allowed_without_redis": 0,
+            "refused_without_redis": 0,
+            "refused": 0,
+        }
 
     @hookimpl
     def llmgateway_configure(self, config: GatewayConfig) -> None:
@@ -286,9 +299,9 @@ class BudgetsPlugin:
         if self.backend_name == "redis" and not self.redis_url:
             raise section.error("redis_url", 'is required when backend = "redis"')
         self.key_prefix = section.string("key_prefix", "llmgateway:")
-        self.redis_timeout = section.number("redis_timeout", 0.25, minimum=0.001)
+        self.redis_timeout = section.number("redis_timeout", 1.0, minimum=0.001)
         self.redis_max_connections = section.integer("redis_max_connections", 256, minimum=1)
-        self.on_redis_error = section.choice("on_redis_error", ("local", "allow"), "local")
+        self.on_redis_error = section.choice("on_redis_error", ("refuse", "local", "allow"), "refuse")
         self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
         self.default_max_output_tokens = section.integer("default_max_output_tokens", 4096, minimum=1)
         self.seed_from_usage = section.boolean("seed_from_usage", True)
@@ -384,7 +397,15 @@ class BudgetsPlugin:
                 self._redis_failed(exc)
         if redis is not None:
             if self.on_redis_error == "allow":
+                self.stats["allowed_without_redis"] += 1
                 return "none"
+            if self.on_redis_error == "refuse":
+                self.stats["refused_without_redis"] += 1
+                raise BudgetExceededError(
+                    "Budgets cannot be checked right now; try again shortly",
+                    code="budget_unavailable",
+                    retry_after=max(1.0, self.redis_retry_interval),
+                )
             self.stats["local_fallbacks"] += 1
         for budget in budgets:
             if not self.memory.has(budget):
@@ -426,10 +447,15 @@ class BudgetsPlugin:
         self.stats["redis_errors"] += 1
         now = time.monotonic()
         if now >= self._redis_down_until:
+            then = {
+                "local": "this process's own budgets",
+                "allow": "no budgets",
+                "refuse": "refusing budgeted requests",
+            }
             log.warning(
-                "budgets: Redis failed (%s); using %s budgets for %.0fs",
+                "budgets: Redis failed (%s); %s for %.0fs",
                 type(exc).__name__,
-                "local" if self.on_redis_error == "local" else "no",
+                then[self.on_redis_error],
                 self.redis_retry_interval,
             )
         self._redis_down_until = now + self.redis_retry_interval

@@ -397,7 +397,7 @@ class RateLimitPlugin:
         self.backend_name = "memory"
         self.redis_url: str | None = None
         self.key_prefix = "llmgateway:"
-        self.redis_timeout = 0.25
+        self.redis_timeout = 0.5
         self.redis_max_connections = 256
         self.on_redis_error = "local"
         self.redis_retry_interval = 5.0
@@ -420,7 +420,7 @@ class RateLimitPlugin:
         if self.backend_name == "redis" and not self.redis_url:
             raise section.error("redis_url", 'is required when backend = "redis"')
         self.key_prefix = section.string("key_prefix", "llmgateway:")
-        self.redis_timeout = section.number("redis_timeout", 0.25, minimum=0.001)
+        self.redis_timeout = section.number("redis_timeout", 0.5, minimum=0.001)
         self.redis_max_connections = section.integer("redis_max_connections", 256, minimum=1)
         self.on_redis_error = section.choice("on_redis_error", ("local", "allow"), "local")
         self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
