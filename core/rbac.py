@@ -1,8 +1,12 @@
 """Role-based access control: one policy table of permission x role.
 
-Every route declares the permission it needs (a meta-test fails on a route without one). Roles are
-``admin`` > ``operator`` > ``viewer``, and ``user`` (may call models). ``public`` routes need no
-principal at all (health checks, the model list when ``server.public_models``).
+Every route declares the permission it needs (``GatewayRoute.permission``; the proxy endpoints use
+``inference``); ``tests/test_rbac.py`` fails on a route without one and checks, over HTTP, that each
+role gets exactly what :data:`POLICY` says. Roles are ``admin`` > ``operator`` > ``viewer``, and
+``user`` (may call models). ``public`` routes need no principal at all (health checks, the model
+list when ``server.public_models``). A permission not in the table is refused to everyone.
+
+To add a permission, add a row here (and to the table in docs/security.md, which a test compares).
 """
 
 from __future__ import annotations
@@ -35,3 +39,13 @@ def allowed(principal: Principal, permission: str) -> bool:
 def require(principal: Principal, permission: str) -> None:
     if not allowed(principal, permission):
         raise PermissionDeniedError(f"This key may not do '{permission}'")
+
+
+def markdown_table() -> str:
+    """The policy as the Markdown table docs/security.md shows (a test keeps the two equal)."""
+    from .types import ROLES
+
+    lines = ["| permission | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
+    for permission, roles in POLICY.items():
+        lines.append(f"| `{permission}` | " + " | ".join("yes" if r in roles else "—" for r in ROLES) + " |")
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ over HTTP, route by route, is exactly what the table says."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -96,3 +97,8 @@ async def test_route_by_role_matrix_equals_the_policy_table(serve_gateway: Gatew
                 master = await status(method, path, auth(MASTER_KEY))
                 assert master not in (401, 403), (path, method, master)
     assert actual == expected
+
+
+def test_the_documented_policy_table_is_the_policy() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    assert rbac.markdown_table() in docs
