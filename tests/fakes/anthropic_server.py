@@ -30,11 +30,14 @@ Every request is recorded in ``FakeAnthropic.requests`` (path, headers, body).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+
+from tests.fakes.asgi import FakeServer, Request, end_body, send_event, send_json, start_sse
+from tests.fakes.asgi import Recorded as Recorded
 
 API_KEY = "sk-ant-upstream-test"
 ANSWER = "The quick brown fox jumps over the lazy dog."
@@ -70,47 +73,23 @@ class Invalid(Exception):
 
 
 @dataclass
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-@dataclass
-class FakeAnthropic:
-    requests: list[Recorded] = field(default_factory=list)
+class FakeAnthropic(FakeServer):
     counter: int = 0
-
-    def reset(self) -> None:
-        self.requests.clear()
 
     @property
     def last(self) -> dict[str, Any]:
-        return self.requests[-1].body
+        body: dict[str, Any] = self.requests[-1].body
+        return body
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+    async def handle(self, request: Request, send: Send, receive: Receive) -> None:
         self.counter += 1
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        path = scope["path"]
-        if scope["method"] != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
-            await self._error(send, 404, "not_found_error", f"Not found: {scope['method']} {path}")
+        headers = request.headers
+        path = request.path
+        if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
+            await self._error(send, 404, "not_found_error", f"Not found: {request.method} {path}")
             return
         try:
-            body = orjson.loads(raw) if raw else None
+            body = request.json() if request.raw else None  # an empty body is invalid here, not {}
         except orjson.JSONDecodeError:
             body = None
         if not isinstance(body, dict):
@@ -118,7 +97,7 @@ class FakeAnthropic:
                 send, 400, "invalid_request_error", "There was an issue with the request body: invalid JSON"
             )
             return
-        self.requests.append(Recorded(path, headers, body))
+        self.record(request, body)
         if headers.get("x-api-key") != API_KEY and headers.get("authorization") != f"Bearer {API_KEY}":
             await self._error(send, 401, "authentication_error", "invalid x-api-key")
             return
@@ -226,23 +205,10 @@ class FakeAnthropic:
         stop_sequence: str | None,
         usage: dict[str, Any],
     ) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"request-id", f"req_fake{self.counter:04d}".encode()),
-                    (b"anthropic-ratelimit-requests-limit", b"50"),
-                    (b"anthropic-ratelimit-requests-remaining", b"49"),
-                ],
-            }
-        )
+        await start_sse(send, [(b"cache-control", b"no-cache"), *self._headers()])
 
         async def event(name: str, payload: dict[str, Any]) -> None:
-            data = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send_event(send, payload, event=name)
 
         start_usage = {**usage, "output_tokens": 1}
         message = {
@@ -311,26 +277,25 @@ class FakeAnthropic:
             await event("message_stop", {"type": "message_stop"})
         finally:
             try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await end_body(send)
             except Exception:
                 pass
 
     # ---- plumbing ----------------------------------------------------------------------------
 
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        """The request id and rate limit headers every answer carries."""
+        return [
+            (b"request-id", f"req_fake{self.counter:04d}".encode()),
+            (b"anthropic-ratelimit-requests-limit", b"50"),
+            (b"anthropic-ratelimit-requests-remaining", b"49"),
+        ]
+
     async def _json(
         self, send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None
     ) -> None:
-        body = orjson.dumps(payload)
-        headers = {
-            b"content-type": b"application/json",
-            b"content-length": str(len(body)).encode(),
-            b"request-id": f"req_fake{self.counter:04d}".encode(),
-            b"anthropic-ratelimit-requests-limit": b"50",
-            b"anthropic-ratelimit-requests-remaining": b"49",
-            **dict(extra or []),
-        }
-        await send({"type": "http.response.start", "status": status, "headers": list(headers.items())})
-        await send({"type": "http.response.body", "body": body})
+        headers = dict(self._headers()) | dict(extra or [])  # extra replaces a default in place
+        await send_json(send, status, payload, headers.items())
 
     async def _error(
         self, send: Send, status: int, kind: str, message: str, extra: list[tuple[bytes, bytes]] | None = None

@@ -24,12 +24,13 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+
+from tests.fakes.asgi import FakeServer, Recorded, Request, end_body, send_event, send_json, start_sse
 
 KEY = "azure-key-test-0123456789"
 TOKEN = "entra-token-test-abcdefghij"
@@ -52,47 +53,24 @@ FILTER_MESSAGE = (
     "Please modify your prompt and retry. To learn more about our content filtering policies please read "
     "our documentation: https://go.microsoft.com/fwlink/?linkid=2198766"
 )
+_APIM_REQUEST_ID = (b"apim-request-id", b"00000000-0000-0000-0000-000000000000")
 
 
 def _dumps(payload: Any) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
-@dataclass
-class AzureRequest:
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: dict[str, Any]
+AzureRequest = Recorded  # its query keeps the first value of each parameter
 
 
 @dataclass
-class FakeAzure:
-    requests: list[AzureRequest] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.requests.clear()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
-        path: str = scope["path"]
-        body = orjson.loads(raw) if raw else {}
-        self.requests.append(AzureRequest(path, query, headers, body))
+class FakeAzure(FakeServer):
+    async def handle(self, request: Request, send: Send, receive: Receive) -> None:
+        headers = request.headers
+        query = {k: v[0] for k, v in request.query.items()}
+        path = request.path
+        body = request.json()
+        self.record(request, body, query)
 
         parts = path.strip("/").split("/")
         v1 = parts[:2] == ["openai", "v1"]
@@ -312,28 +290,22 @@ class FakeAzure:
                     },
                 }
             )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"apim-request-id", b"00000000-0000-0000-0000-000000000000"),
-                    (b"x-ratelimit-remaining-requests", b"99"),
-                    (b"x-ratelimit-remaining-tokens", b"99980"),
-                ],
-            }
+        await start_sse(
+            send,
+            [
+                _APIM_REQUEST_ID,
+                (b"x-ratelimit-remaining-requests", b"99"),
+                (b"x-ratelimit-remaining-tokens", b"99980"),
+            ],
         )
         try:
             for i, chunk in enumerate(chunks):
                 if deployment == "cut" and i == 3:
                     return
-                await send(
-                    {"type": "http.response.body", "body": b"data: " + _dumps(chunk) + b"\n\n", "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+                await send_event(send, chunk, dumps=_dumps)
+            await send_event(send, b"[DONE]")
         finally:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await end_body(send)
 
     async def _embeddings(self, send: Send, body: dict[str, Any]) -> None:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -378,20 +350,7 @@ class FakeAzure:
 
     @staticmethod
     async def _json(send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        body = _dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"apim-request-id", b"00000000-0000-0000-0000-000000000000"),
-                    *(extra or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, status, payload, [_APIM_REQUEST_ID, *(extra or [])], dumps=_dumps)
 
     async def _error(
         self, send: Send, status: int, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None

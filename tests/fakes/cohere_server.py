@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import base64
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+
+from tests.fakes.asgi import FakeServer, Request, end_body, send_event, send_json, start_sse
+from tests.fakes.asgi import Recorded as Recorded
 
 API_KEY = "co-test-key"
 ANSWER = "The quick brown fox jumps over the lazy dog."
@@ -92,43 +95,16 @@ class _Invalid(Exception):
 
 
 @dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-@dataclass
-class FakeCohere:
-    requests: list[Recorded] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.requests.clear()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        path: str = scope["path"]
+class FakeCohere(FakeServer):
+    async def handle(self, request: Request, send: Send, receive: Receive) -> None:
+        headers = request.headers
+        path = request.path
         try:
-            body = orjson.loads(raw) if raw else {}
+            body = request.json()
         except orjson.JSONDecodeError:
             await self._error(send, 400, "invalid request: could not parse the request body as JSON")
             return
-        self.requests.append(Recorded(scope["method"], path, headers, body))
+        self.record(request, body)
         auth = headers.get("authorization", "")
         if not auth:
             await self._error(send, 401, "no api key supplied")
@@ -143,13 +119,13 @@ class FakeCohere:
             await self._error(send, status, _MESSAGES.get(status, f"fake upstream error {status}"), extra)
             return
         try:
-            if scope["method"] == "POST" and path == "/v2/chat":
+            if request.method == "POST" and path == "/v2/chat":
                 _validate_chat(body)
                 if body.get("stream"):
                     await self._stream(send, model)
                 else:
                     await self._json(send, 200, _answer(model))
-            elif scope["method"] == "POST" and path == "/v2/embed":
+            elif request.method == "POST" and path == "/v2/embed":
                 await self._json(send, 200, _embed(body))
             else:
                 await self._error(send, 404, f"Not Found: {path}")
@@ -157,38 +133,18 @@ class FakeCohere:
             await self._error(send, 400, f"invalid request: {exc}")
 
     async def _stream(self, send: Send, model: str) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *_LIMITS],
-            }
-        )
+        await start_sse(send, [(b"cache-control", b"no-cache"), *_LIMITS], content_type=b"text/event-stream")
         try:
             for i, event in enumerate(_events(model)):
                 if model == "cut" and i == 3:
                     return
-                frame = b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                await send_event(send, event, event=event["type"])
         finally:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await end_body(send)
 
     @staticmethod
     async def _json(send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        body = orjson.dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *_LIMITS,
-                    *(extra or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, status, payload, [*_LIMITS, *(extra or [])])
 
     async def _error(
         self, send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None

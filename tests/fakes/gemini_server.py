@@ -29,12 +29,14 @@ Every request is recorded in ``FakeGemini.requests`` (method, path, query, heade
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+
+from tests.fakes.asgi import FakeServer, Request, end_body, send_event, send_json, start_sse
+from tests.fakes.asgi import Recorded as Recorded
 
 API_KEY = "gemini-test-key"
 ANSWER = "The quick brown fox jumps over the lazy dog."
@@ -104,45 +106,17 @@ class _Invalid(Exception):
 
 
 @dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-@dataclass
-class FakeGemini:
-    requests: list[Recorded] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.requests.clear()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        query = parse_qs(scope.get("query_string", b"").decode())
-        path: str = scope["path"]
+class FakeGemini(FakeServer):
+    async def handle(self, request: Request, send: Send, receive: Receive) -> None:
+        headers = request.headers
+        query = request.query
+        path = request.path
         try:
-            body = orjson.loads(raw) if raw else {}
+            body = request.json()
         except orjson.JSONDecodeError:
             await self._error(send, 400, "Invalid JSON payload received. Unexpected token.")
             return
-        self.requests.append(Recorded(scope["method"], path, query, headers, body))
+        self.record(request, body)
         key = headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
         if not key:
             await self._error(
@@ -168,7 +142,7 @@ class FakeGemini:
             )
             return
         prefix = "/v1beta/models/"
-        if scope["method"] != "POST" or not path.startswith(prefix) or ":" not in path:
+        if request.method != "POST" or not path.startswith(prefix) or ":" not in path:
             await self._error(send, 404, f"Method not found: {path}")
             return
         model, _, method = path[len(prefix) :].partition(":")
@@ -201,8 +175,8 @@ class FakeGemini:
                 requests = body.get("requests")
                 if not isinstance(requests, list) or not requests:
                     raise _Invalid("* BatchEmbedContentsRequest.requests: must not be empty")
-                for i, request in enumerate(requests):
-                    if request.get("model") != f"models/{model}":
+                for i, entry in enumerate(requests):
+                    if entry.get("model") != f"models/{model}":
                         raise _Invalid(f"* BatchEmbedContentsRequest.requests[{i}].model: model must be models/{model}")
                 vectors = [{"values": _vector(i, r.get("outputDimensionality"))} for i, r in enumerate(requests)]
                 await self._json(send, 200, {"embeddings": vectors})
@@ -278,54 +252,25 @@ class FakeGemini:
 
     async def _stream(self, send: Send, model: str, body: dict[str, Any]) -> None:
         chunks = self._response(model, body, streamed=True)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream"), (b"x-content-type-options", b"nosniff")],
-            }
-        )
+        await start_sse(send, [(b"x-content-type-options", b"nosniff")], content_type=b"text/event-stream")
         try:
             for i, chunk in enumerate(chunks):
                 if model in ("cut", "mid-error") and i == 2:
                     if model == "mid-error":
                         error = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": b"data: " + orjson.dumps(error) + b"\r\n\r\n",
-                                "more_body": True,
-                            }
-                        )
+                        await send_event(send, error, end=b"\r\n\r\n")
                     return
                 if model in ("cut", "mid-error"):
                     chunk = {k: v for k, v in chunk.items() if k != "usageMetadata"}
                     for candidate in chunk.get("candidates", []):
                         candidate.pop("finishReason", None)
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b"data: " + orjson.dumps(chunk) + b"\r\n\r\n",
-                        "more_body": True,
-                    }
-                )
+                await send_event(send, chunk, end=b"\r\n\r\n")
         finally:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await end_body(send)
 
     @staticmethod
     async def _json(send: Send, status: int, payload: Any) -> None:
-        body = orjson.dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json; charset=UTF-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, status, payload, content_type=b"application/json; charset=UTF-8")
 
     async def _error(self, send: Send, status: int, message: str, details: list[dict[str, Any]] | None = None) -> None:
         error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}

@@ -29,11 +29,13 @@ Every request is recorded in ``FakeHuggingFace.requests`` (path, headers, body).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+
+from tests.fakes.asgi import FakeServer, Recorded, Request, end_body, send_event, send_json, start_sse
 
 TOKEN = "hf_testtoken0123456789"
 ANSWER = "The quick brown fox jumps over the lazy dog."
@@ -41,48 +43,26 @@ UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 ARGUMENTS = {"city": "Paris"}
 
 
-@dataclass
-class HFRequest:
-    path: str
-    headers: dict[str, str]
-    body: Any
+HFRequest = Recorded
 
 
 @dataclass
-class FakeHuggingFace:
+class FakeHuggingFace(FakeServer):
     flavour: str = "router"
-    requests: list[HFRequest] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.requests.clear()
 
     @property
     def tgi(self) -> bool:
         return self.flavour == "tgi"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        path: str = scope["path"]
+    async def handle(self, request: Request, send: Send, receive: Receive) -> None:
+        headers = request.headers
+        path = request.path
         try:
-            body = orjson.loads(raw) if raw else {}
+            body = request.json()
         except orjson.JSONDecodeError:
             await self._error(send, 400, "Failed to deserialize the JSON body", "validation")
             return
-        self.requests.append(HFRequest(path, headers, body))
+        self.record(request, body)
         if headers.get("authorization") != f"Bearer {TOKEN}":
             await self._error(send, 401, "Invalid credentials in Authorization header")
             return
@@ -124,7 +104,7 @@ class FakeHuggingFace:
         if body.get("stream"):
             await self._stream(send, body, model)
         else:
-            await self._json(send, 200, self._completion(body, model))
+            await send_json(send, 200, self._completion(body, model))
 
     def _completion(self, body: dict[str, Any], model: str) -> dict[str, Any]:
         tools = model.startswith("tools")
@@ -230,7 +210,7 @@ class FakeHuggingFace:
             else:
                 chunks.append({**base, "choices": [], "usage": usage})
         separator = b"data:" if self.tgi else b"data: "
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await start_sse(send, content_type=b"text/event-stream")
         try:
             for i, item in enumerate(chunks):
                 if model == "cut" and i == 2:
@@ -240,57 +220,33 @@ class FakeHuggingFace:
                         "error": "Request failed during generation: CUDA out of memory",
                         "error_type": "generation",
                     }
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": separator + orjson.dumps(error) + b"\n\n",
-                            "more_body": True,
-                        }
-                    )
+                    await send_event(send, error, prefix=separator)
                     return
-                await send(
-                    {"type": "http.response.body", "body": separator + orjson.dumps(item) + b"\n\n", "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+                await send_event(send, item, prefix=separator)
+            await send_event(send, b"[DONE]")
         finally:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await end_body(send)
 
     # ---- feature extraction ------------------------------------------------------------------
 
     async def _features(self, send: Send, body: dict[str, Any], model: str) -> None:
         if model == "loading":
-            await self._json(send, 503, {"error": "Model loading is currently loading", "estimated_time": 12.5})
+            await send_json(send, 503, {"error": "Model loading is currently loading", "estimated_time": 12.5})
             return
         inputs = body.get("inputs")
         if isinstance(inputs, str):
-            await self._json(send, 200, [0.5, 0.25, 0.125])
+            await send_json(send, 200, [0.5, 0.25, 0.125])
             return
         if not isinstance(inputs, list) or not inputs:
             await self._error(send, 400, "`inputs` must be a string or a list of strings", "validation")
             return
         if model == "token-level":
             rows = [[[float(i + 1), 0.0], [float(i + 1) * 3, 2.0]] for i in range(len(inputs))]
-            await self._json(send, 200, rows)
+            await send_json(send, 200, rows)
             return
-        await self._json(send, 200, [[0.5 * (i + 1), 0.25, 0.125] for i in range(len(inputs))])
+        await send_json(send, 200, [[0.5 * (i + 1), 0.25, 0.125] for i in range(len(inputs))])
 
     # ---- plumbing ----------------------------------------------------------------------------
-
-    @staticmethod
-    async def _json(send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        body = orjson.dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *(extra or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
     async def _error(
         self,
@@ -303,4 +259,4 @@ class FakeHuggingFace:
         payload: dict[str, Any] = {"error": message}
         if self.tgi and error_type is not None:
             payload["error_type"] = error_type
-        await self._json(send, status, payload, extra)
+        await send_json(send, status, payload, extra)

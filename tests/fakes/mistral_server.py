@@ -25,11 +25,12 @@ import base64
 import re
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+
+from tests.fakes.asgi import FakeServer, Recorded, Request, end_body, send_event, send_json, start_sse
 
 KEY = "mistral-key-test-0123456789"
 ANSWER = "The quick brown fox jumps over the lazy dog."
@@ -79,51 +80,28 @@ TOOL_CALLS = [
 ]
 
 
-@dataclass
-class MistralRequest:
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
+MistralRequest = Recorded
 
 
 @dataclass
-class FakeMistral:
-    requests: list[MistralRequest] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.requests.clear()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        path: str = scope["path"]
-        body = orjson.loads(raw) if raw else {}
-        self.requests.append(MistralRequest(path, headers, body))
+class FakeMistral(FakeServer):
+    async def handle(self, request: Request, send: Send, receive: Receive) -> None:
+        headers = request.headers
+        path = request.path
+        body = request.json()
+        self.record(request, body)
         if headers.get("authorization") != f"Bearer {KEY}":
-            await self._json(send, 401, {"message": "Unauthorized", "request_id": "fake-request-id"})
+            await send_json(send, 401, {"message": "Unauthorized", "request_id": "fake-request-id"})
             return
         if path == "/v1/chat/completions":
             problems = self._check_chat(body)
         elif path == "/v1/embeddings":
             problems = self._extra(body, EMBEDDING_FIELDS)
         else:
-            await self._json(send, 404, {"detail": "Not Found"})
+            await send_json(send, 404, {"detail": "Not Found"})
             return
         if problems:
-            await self._json(
+            await send_json(
                 send,
                 422,
                 {
@@ -146,7 +124,7 @@ class FakeMistral:
             await self._status(send, int(model.split("-")[1]))
             return
         if model == "detail-422":  # the bare FastAPI validation body some Mistral endpoints send
-            await self._json(
+            await send_json(
                 send,
                 422,
                 {
@@ -174,7 +152,7 @@ class FakeMistral:
         elif body.get("stream"):
             await self._stream(send, model)
         else:
-            await self._json(send, 200, self._completion(model))
+            await send_json(send, 200, self._completion(model))
 
     # ---- validation --------------------------------------------------------------------------
 
@@ -277,26 +255,15 @@ class FakeMistral:
                 chunks.append(chunk({"content": [{"type": "text", "text": text}] if model == "magistral" else text}))
             finish = "model_length" if model == "model-length" else "stop"
             chunks.append({**chunk({"content": ""}, finish), "usage": usage})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"ratelimitbysize-remaining", b"499978"),
-                ],
-            }
-        )
+        await start_sse(send, [(b"ratelimitbysize-remaining", b"499978")])
         try:
             for i, item in enumerate(chunks):
                 if model == "cut" and i == 2:
                     return
-                await send(
-                    {"type": "http.response.body", "body": b"data: " + orjson.dumps(item) + b"\n\n", "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+                await send_event(send, item)
+            await send_event(send, b"[DONE]")
         finally:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await end_body(send)
 
     async def _embeddings(self, send: Send, body: dict[str, Any], model: str) -> None:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -309,7 +276,7 @@ class FakeMistral:
                 embedding = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
             data.append({"object": "embedding", "embedding": embedding, "index": i})
         tokens = 4 * len(inputs)
-        await self._json(
+        await send_json(
             send,
             200,
             {
@@ -331,22 +298,6 @@ class FakeMistral:
         else:
             await self._error(send, status, f"fake Mistral error {status}", str(status))
 
-    @staticmethod
-    async def _json(send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        body = orjson.dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *(extra or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
     async def _error(
         self,
         send: Send,
@@ -356,7 +307,7 @@ class FakeMistral:
         error_type: str = "invalid_request_error",
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        await self._json(
+        await send_json(
             send,
             status,
             {"object": "error", "message": message, "type": error_type, "param": None, "code": code},

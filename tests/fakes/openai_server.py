@@ -23,65 +23,46 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+
+from tests.fakes.asgi import FakeServer, Request, end_body, send_event, send_json, start_sse
+from tests.fakes.asgi import Recorded as Recorded
 
 ANSWER = "The quick brown fox jumps over the lazy dog."
 
 
 @dataclass
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-@dataclass
-class FakeOpenAI:
-    requests: list[Recorded] = field(default_factory=list)
+class FakeOpenAI(FakeServer):
     calls: dict[str, int] = field(default_factory=dict)
     disconnected: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     stream_finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     def reset(self) -> None:
-        self.requests.clear()
+        super().reset()
         self.calls.clear()
         self.disconnected = 0
         self.gate = asyncio.Event()
         self.stream_finished = asyncio.Event()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        path = scope["path"]
-        if scope["method"] == "GET" and path.endswith("/models"):
-            await self._json(
+    async def handle(self, request: Request, send: Send, receive: Receive) -> None:
+        headers = request.headers
+        path = request.path
+        if request.method == "GET" and path.endswith("/models"):
+            await send_json(
                 send,
                 200,
                 {"object": "list", "data": [{"id": "gpt-ok", "object": "model", "created": 0, "owned_by": "fake"}]},
             )
             return
         try:
-            body = orjson.loads(raw) if raw else {}
+            body = request.json()
         except orjson.JSONDecodeError:
             await self._error(
                 send, 400, "We could not parse the JSON body of your request.", "invalid_request_error", None
             )
             return
-        self.requests.append(Recorded(path, headers, body))
+        self.record(request, body)
         if headers.get("authorization") != "Bearer sk-upstream-test":
             await self._error(
                 send, 401, "Incorrect API key provided: sk-upst***test.", "invalid_request_error", "invalid_api_key"
@@ -108,7 +89,7 @@ class FakeOpenAI:
             data = [
                 {"object": "embedding", "index": i, "embedding": [0.1 * (i + 1)] * dims} for i in range(len(inputs))
             ]
-            await self._json(
+            await send_json(
                 send,
                 200,
                 {
@@ -123,7 +104,7 @@ class FakeOpenAI:
             await self._stream(send, receive, path, body, model, delay)
             return
         await asyncio.sleep(delay)
-        await self._json(send, 200, self._completion(path, body, model))
+        await send_json(send, 200, self._completion(path, body, model))
 
     # ---- bodies ------------------------------------------------------------------------------
 
@@ -264,16 +245,7 @@ class FakeOpenAI:
             chunks.append(
                 {**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}
             )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"x-ratelimit-remaining-requests", b"99"),
-                ],
-            }
-        )
+        await start_sse(send, [(b"x-ratelimit-remaining-requests", b"99")])
         try:
             for i, chunk in enumerate(chunks):
                 if model == "cut" and i == 2:
@@ -287,28 +259,20 @@ class FakeOpenAI:
                             "code": None,
                         }
                     }
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": b"data: " + orjson.dumps(error) + b"\n\n",
-                            "more_body": True,
-                        }
-                    )
+                    await send_event(send, error)
                     return
                 if model == "gated" and i == 2 and await self._disconnected_before_gate(receive):
                     return
                 if delay and i:
                     await asyncio.sleep(delay)
-                await send(
-                    {"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+                await send_event(send, chunk)
+            await send_event(send, b"[DONE]")
         except (OSError, asyncio.CancelledError):
             self.disconnected += 1
             raise
         finally:
             try:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await end_body(send)
             except Exception:
                 self.disconnected += 1
 
@@ -344,22 +308,6 @@ class FakeOpenAI:
             send, status, message, error_type, "context_length_exceeded" if status == 400 else code, extra
         )
 
-    @staticmethod
-    async def _json(send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        body = orjson.dumps(payload)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *(extra or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
     async def _error(
         self,
         send: Send,
@@ -369,6 +317,6 @@ class FakeOpenAI:
         code: str | None,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        await self._json(
+        await send_json(
             send, status, {"error": {"message": message, "type": error_type, "param": None, "code": code}}, extra
         )
