@@ -116,9 +116,26 @@ class Database:
     def connection(self) -> BaseDBAsyncClient:
         return self.context.db()
 
+    def reset(self) -> None:
+        """Drop the connection pool after a failure (a new one is made on next use).
+
+        A pool whose connections died mid-operation (network cut, server restart) can keep handing
+        out, or waiting for, broken connections; terminating it is immediate and safe: whatever was
+        using it has failed already."""
+        client = self.context.connections.get("default") if self.opened else None
+        pool = getattr(client, "_pool", None)
+        if client is None or pool is None or self.dialect != "postgres":
+            return
+        client._pool = None  # type: ignore[attr-defined]
+        pool.terminate()
+
     async def ping(self) -> None:
+        async def select_one() -> None:
+            with self.activate():
+                await self.connection.execute_query("SELECT 1")
+
         async with asyncio.timeout(self.timeout):
-            await self.connection.execute_query("SELECT 1")
+            await asyncio.create_task(select_one())  # see writer.insert_rows: no context leaks
 
     # ---- migrations ----------------------------------------------------------------------
 

@@ -122,11 +122,18 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
                     **decision,
                 )
             )
-    with db.activate():
-        async with in_transaction() as conn:
-            await UsageRecord.bulk_create(usage, ignore_conflicts=True, using_db=conn)
-            if decisions:
-                await RoutingDecisionRecord.bulk_create(decisions, ignore_conflicts=True, using_db=conn)
+
+    async def write() -> None:
+        with db.activate():
+            async with in_transaction() as conn:
+                await UsageRecord.bulk_create(usage, ignore_conflicts=True, using_db=conn)
+                if decisions:
+                    await RoutingDecisionRecord.bulk_create(decisions, ignore_conflicts=True, using_db=conn)
+
+    # A task of its own: when the connection dies mid-transaction, Tortoise can leave the failed
+    # transaction as "the connection" in the context of the task that ran it; that must not be the
+    # writer's long-lived task.
+    await asyncio.create_task(write())
 
 
 class Spool:
@@ -349,6 +356,7 @@ class UsageWriter:
                 await insert_rows(self.db, rows)
         except Exception as exc:
             self.stats.failures += 1
+            self.db.reset()
             self.stats.spooled += self.spool.write(rows, sync=True)
             if self.down_since is None:
                 self.down_since = time.monotonic()
@@ -366,7 +374,9 @@ class UsageWriter:
     async def _database_back(self) -> bool:
         try:
             await self.db.ping()
-        except Exception:
+        except Exception as exc:
+            log.debug("database still unreachable: %s: %s", type(exc).__name__, exc)
+            self.db.reset()
             return False
         log.warning(
             "database answers again after %.1f s; replaying the spool", time.monotonic() - (self.down_since or 0)
@@ -417,6 +427,7 @@ class UsageWriter:
                 await insert_rows(self.db, rows)
         except Exception as exc:
             self.stats.failures += 1
+            self.db.reset()
             if self.down_since is None:
                 self.down_since = time.monotonic()
             log.error("replaying spooled usage rows failed (%s); will retry", type(exc).__name__)
