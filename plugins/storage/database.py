@@ -126,7 +126,7 @@ class Database:
         pool = getattr(client, "_pool", None)
         if client is None or pool is None or self.dialect != "postgres":
             return
-        client._pool = None  # type: ignore[attr-defined]
+        client._pool = None
         pool.terminate()
 
     async def ping(self) -> None:
