@@ -117,7 +117,7 @@ async def usage(
     """
     if bucket not in ("hour", "day"):
         raise ValueError("bucket must be 'hour' or 'day'")
-    column = DIMENSIONS[group_by] if group_by else None
+    column = DIMENSIONS.get(group_by) if group_by else None
     if group_by and column is None:
         raise ValueError(f"unknown dimension {group_by!r}")
     first, last = _align(start, end, bucket)

@@ -88,9 +88,9 @@ async def cleanup(
     days = await _hours_to_roll(db, today * 24, retention.late_hours + 24, "day")
     day_numbers = sorted({h // 24 for h in days} | {h // 24 for h in late_hours if raw_cutoff <= h < today * 24})
     day_numbers = [d for d in day_numbers if d < today]
-    for start, end in _ranges(day_numbers):
-        await _roll(db, "day", start * 24, end * 24, 24)
-        result.days_rolled += end - start
+    for day in day_numbers:
+        await _roll(db, "day", day * 24, day * 24 + 24, 24)
+        result.days_rolled += 1
 
     # 3. raw rows past retention
     result.usage_deleted = await execute(db, "DELETE FROM usage_records WHERE hour < ?", [raw_cutoff])

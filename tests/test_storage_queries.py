@@ -1,0 +1,216 @@
+"""Retention, rollups and the admin queries on SQLite and PostgreSQL: the numbers a dashboard shows
+are the same before and after raw rows are rolled up and deleted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmgateway.core.types import Principal
+from llmgateway.plugins.storage import queries
+from llmgateway.plugins.storage.database import Database
+from llmgateway.plugins.storage.retention import cleanup, percentile
+from llmgateway.plugins.storage.settings import Retention
+from llmgateway.plugins.storage.sql import fetch
+from llmgateway.plugins.storage.writer import insert_rows, to_row
+from tests.test_storage_support import database_url, decision, opened, record
+
+UTC = dt.UTC
+NOW = dt.datetime(2026, 3, 10, 12, 30, tzinfo=UTC)
+RETENTION = Retention(raw_days=30, hourly_days=35, late_hours=48)
+TEAMS = ("team-a", "team-b", None)
+MODELS = ("fast", "smart")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    async with database_url(request.param, tmp_path) as url, opened(url) as database:
+        yield database
+
+
+def generate(count: int, *, days: float = 40, seed: int = 7) -> list[dict[str, Any]]:
+    """Usage rows (spool format) spread over the ``days`` before NOW."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        started = NOW.timestamp() - rng.random() * days * 86400
+        team = TEAMS[i % 3]
+        alias = MODELS[i % 2]
+        status = 200 if i % 11 else (500 if i % 2 else 499)
+        rec = record(
+            f"req_{seed}_{i:06d}",
+            started_at=started,
+            alias=alias,
+            provider="p-" + alias,
+            deployment=f"{alias}/p-{alias}/m#0",
+            principal=Principal(kind="virtual_key", key_id=f"key-{i % 5}", user_id=f"user-{i % 4}", team_id=team),
+            status=status,
+            cost=round(rng.random() / 100, 8),
+            prompt=rng.randint(1, 500),
+            completion=rng.randint(1, 300),
+            cached=rng.randint(0, 1),
+            latency_ms=rng.uniform(50, 2000),
+            ttft_ms=rng.uniform(10, 300) if i % 3 == 0 else None,
+            cache_hit=i % 13 == 0,
+            streamed=i % 3 == 0,
+        )
+        rows.append(to_row(rec, decision(alias, fallbacks=["x"] if i % 7 == 0 else None)))
+    return rows
+
+
+def expected(
+    rows: list[dict[str, Any]], start: dt.datetime, end: dt.datetime, step: int, by: str | None
+) -> dict[tuple[str, str | None], tuple[int, int, int, float]]:
+    """(bucket start ISO, group) → (requests, errors, prompt tokens, cost) computed in Python."""
+    column = queries.DIMENSIONS[by] if by else None
+    out: dict[tuple[str, str | None], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for row in rows:
+        if not start.timestamp() <= row["started_at"] < end.timestamp():
+            continue
+        hour = int(row["started_at"] // 3600)
+        bucket = dt.datetime.fromtimestamp((hour - hour % step) * 3600, UTC).isoformat()
+        key = (bucket, row[column] if column else None)
+        agg = out[key]
+        agg[0] += 1
+        agg[1] += 1 if row["status"] >= 400 and row["status"] != 499 else 0
+        agg[2] += row["prompt_tokens"]
+        agg[3] += row["cost"]
+    return {k: (int(v[0]), int(v[1]), int(v[2]), round(v[3], 6)) for k, v in out.items()}
+
+
+def observed(points: list[queries.UsagePoint]) -> dict[tuple[str, str | None], tuple[int, int, int, float]]:
+    return {
+        (p.bucket_start.isoformat(), p.group): (p.requests, p.errors, p.prompt_tokens, round(p.cost, 6)) for p in points
+    }
+
+
+async def test_rollups_and_retention_keep_the_dashboard_numbers(db: Database) -> None:
+    rows = generate(3000)
+    for i in range(0, len(rows), 500):
+        await insert_rows(db, rows[i : i + 500])
+    start, end = NOW - dt.timedelta(days=40), NOW + dt.timedelta(hours=1)
+    last_week = NOW - dt.timedelta(days=7)
+
+    raw_days = await queries.usage(db, start, end, bucket="day", group_by="team")
+    raw_hours = await queries.usage(db, last_week, end, bucket="hour", group_by="model")
+    assert observed(raw_days) == expected(rows, start.replace(hour=0, minute=0), end, 24, "team")
+    assert observed(raw_hours) == expected(rows, last_week.replace(minute=0), end, 1, "model")
+
+    result = await cleanup(db, RETENTION, now=NOW)
+    assert result.days_rolled >= 39
+    assert result.usage_deleted > 0
+    assert result.decisions_deleted == result.usage_deleted
+    remaining = await fetch(db, "SELECT MIN(hour) AS h, COUNT(*) AS n FROM usage_records")
+    cutoff_hour = int(NOW.timestamp() // 3600) - 30 * 24
+    assert remaining[0]["h"] >= cutoff_hour
+    assert remaining[0]["n"] + result.usage_deleted == 3000
+    # hourly rollups older than hourly_days are gone, daily ones stay
+    old_hourly = await fetch(
+        db,
+        "SELECT COUNT(*) AS n FROM usage_rollups WHERE bucket = 'hour' AND bucket_start < ?",
+        [(NOW - dt.timedelta(days=36)) if db.dialect == "postgres" else (NOW - dt.timedelta(days=36)).isoformat(" ")],
+    )
+    assert old_hourly[0]["n"] == 0
+
+    # the same questions give the same answers, now read from rollups (and raw rows for the rest)
+    assert observed(await queries.usage(db, start, end, bucket="day", group_by="team")) == observed(raw_days)
+    assert observed(await queries.usage(db, last_week, end, bucket="hour", group_by="model")) == observed(raw_hours)
+
+    # a second run changes nothing
+    await cleanup(db, RETENTION, now=NOW)
+    assert observed(await queries.usage(db, start, end, bucket="day", group_by="team")) == observed(raw_days)
+
+    # filters and totals
+    team_a = await queries.usage(db, start, end, bucket="day", filters={"team": "team-a"})
+    assert observed(team_a) == {
+        (k[0], None): v
+        for k, v in expected(rows, start.replace(hour=0, minute=0), end, 24, "team").items()
+        if k[1] == "team-a"
+    }
+    top = await queries.totals(db, start, end, group_by="model")
+    assert [t["group"] for t in top] == sorted(MODELS, key=lambda m: -sum(r["cost"] for r in rows if r["alias"] == m))
+    assert sum(t["requests"] for t in top) == 3000
+    no_team = await queries.usage(db, start, end, bucket="day", filters={"team": None})
+    assert sum(p.requests for p in no_team) == sum(1 for r in rows if r["team_id"] is None)
+
+
+async def test_late_rows_are_rolled_into_their_hour(db: Database) -> None:
+    rows = generate(200, days=3)
+    await insert_rows(db, rows)
+    await cleanup(db, RETENTION, now=NOW)
+    late = generate(50, days=1, seed=8)  # arrive after their hours were rolled up (spool replay, long streams)
+    await insert_rows(db, late)
+    start, end = NOW - dt.timedelta(days=3), NOW - dt.timedelta(minutes=30)
+    await cleanup(db, RETENTION, now=NOW, late_hours={int(r["started_at"] // 3600) for r in late})
+    got = observed(await queries.usage(db, start, end, bucket="hour"))
+    assert got == expected(rows + late, start.replace(minute=0), end.replace(minute=0), 1, None)
+
+
+async def test_model_metrics_percentiles(db: Database) -> None:
+    hour_start = NOW.replace(minute=0) - dt.timedelta(hours=2)
+    latencies = [float(v) for v in range(10, 1010, 10)]  # 100 values
+    rows = [
+        to_row(
+            record(
+                f"m{i}",
+                started_at=hour_start.timestamp() + i,
+                alias="fast",
+                deployment="fast/p/m#0",
+                latency_ms=latency,
+                ttft_ms=latency / 10,
+            ),
+            None,
+        )
+        for i, latency in enumerate(latencies)
+    ]
+    rows.append(to_row(record("m-err", started_at=hour_start.timestamp() + 500, status=500, latency_ms=1.0), None))
+    await insert_rows(db, rows)
+    await cleanup(db, RETENTION, now=NOW)
+    (metric,) = await queries.model_metrics(db, hour_start, hour_start + dt.timedelta(hours=1), alias="fast")
+    assert metric["requests"] == 100
+    assert metric["deployment"] == "fast/p/m#0"
+    for name, values, p in (
+        ("latency_p50_ms", latencies, 0.5),
+        ("latency_p95_ms", latencies, 0.95),
+        ("latency_p99_ms", latencies, 0.99),
+        ("ttft_p50_ms", [v / 10 for v in latencies], 0.5),
+    ):
+        assert metric[name] == pytest.approx(percentile(values, p))
+    (chat,) = await queries.model_metrics(db, hour_start, hour_start + dt.timedelta(hours=1), alias="chat")
+    assert (chat["requests"], chat["errors"]) == (1, 1)
+    daily = await queries.model_metrics(db, NOW - dt.timedelta(days=2), NOW, bucket="day")
+    assert daily == []  # today is not complete yet
+
+
+async def test_routing_stats_and_recent_requests(db: Database) -> None:
+    rows = generate(140, days=1)
+    await insert_rows(db, rows)
+    start, end = NOW - dt.timedelta(days=1), NOW
+    stats = await queries.routing_stats(db, start, end)
+    assert stats["decisions"] == 140
+    assert stats["fell_back"] == 20  # every 7th
+    assert stats["fallback_rate"] == pytest.approx(20 / 140)
+    assert {(s["strategy"], s["reason"]) for s in stats["by_strategy"]} == {("ordered", "config order")}
+    assert sum(d["decisions"] for d in stats["by_deployment"]) == 140
+    fast = await queries.routing_stats(db, start, end, alias="fast")
+    assert fast["decisions"] == 70
+
+    recent = await queries.recent_requests(db, limit=10)
+    newest = sorted(rows, key=lambda r: -r["started_at"])[:10]
+    assert [r["request_id"] for r in recent] == [r["request_id"] for r in newest]
+    assert isinstance(recent[0]["cache_hit"], bool)
+    errors = await queries.recent_requests(db, limit=100, errors_only=True, filters={"team": "team-b"})
+    assert errors
+    assert all(r["status"] >= 400 and r["team_id"] == "team-b" for r in errors)
+    before = await queries.recent_requests(db, limit=5, before=dt.datetime.fromisoformat(recent[4]["created_at"]))
+    assert [r["request_id"] for r in before] == [
+        r["request_id"] for r in sorted(rows, key=lambda r: -r["started_at"])[5:10]
+    ]
+    with pytest.raises(ValueError, match="unknown dimension"):
+        await queries.usage(db, start, end, group_by="colour")
