@@ -11,7 +11,12 @@ ensure_venv() {
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install --quiet -e "$spec"
+    echo "Installing llmgateway and its dependencies into .venv (first run only; log: .venv/pip.log)..." >&2
+    if ! .venv/bin/python -m pip install --quiet -e "$spec" >.venv/pip.log 2>&1; then
+      cat .venv/pip.log >&2
+      echo "pip install failed (see above)" >&2
+      exit 1
+    fi
     touch "$stamp"
   fi
 }
