@@ -97,38 +97,138 @@ def _decimal(value: float | None) -> Any:
     return None if value is None else Decimal(repr(round(float(value), 8)))
 
 
+USAGE_COLUMNS = (
+    "request_id",
+    "created_at",
+    "hour",
+    "endpoint",
+    "key_id",
+    "user_id",
+    "team_id",
+    "alias",
+    "provider",
+    "deployment",
+    "upstream_model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "usage_estimated",
+    "cost",
+    "saved_cost",
+    "latency_ms",
+    "ttft_ms",
+    "status",
+    "error_code",
+    "cache_hit",
+    "streamed",
+    "client_disconnected",
+    "attempts",
+    "metadata",
+)
+DECISION_COLUMNS = (
+    "request_id",
+    "created_at",
+    "alias",
+    "strategy",
+    "chosen",
+    "reason",
+    "candidates",
+    "fallbacks",
+    "fell_back",
+    "outcome",
+)
+_STATEMENTS: dict[tuple[str, str], tuple[str, list[Any]]] = {}
+
+
+def _statement(conn: Any, model: Any, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
+    """``INSERT … ON CONFLICT DO NOTHING`` for ``columns`` in the connection's dialect (built by
+    Tortoise's own executor, once) and the fields that convert each value for the database."""
+    key = (conn.capabilities.dialect, model.__name__)
+    found = _STATEMENTS.get(key)
+    if found is None:
+        executor = conn.executor_class(model=model, db=conn)
+        query = executor._prepare_insert_statement(list(columns), has_generated=False, ignore_conflicts=True)
+        fields_map = model._meta.fields_map
+        found = _STATEMENTS[key] = (query.get_sql(), [fields_map[c] for c in columns])
+    return found
+
+
+def _values(fields: list[Any], model: Any, values: list[Any]) -> list[Any]:
+    return [field.to_db_value(value, model) for field, value in zip(fields, values, strict=True)]
+
+
 async def insert_rows(db: Database, rows: list[Row]) -> None:
-    """Insert usage rows and their decisions in one transaction; rows already present are skipped."""
+    """Insert usage rows and their decisions in one transaction; rows already present are skipped.
+
+    Rows go straight from the spool format to ``executemany`` (no model instances: several times
+    faster), through Tortoise's statement builder and its field conversions."""
     from tortoise.transactions import in_transaction
 
     from .models import RoutingDecisionRecord, UsageRecord
 
-    usage: list[UsageRecord] = []
-    decisions: list[RoutingDecisionRecord] = []
+    usage: list[list[Any]] = []
+    decisions: list[list[Any]] = []
     for row in rows:
         started = float(row["started_at"])
         created = dt.datetime.fromtimestamp(started, UTC)
-        fields = {k: v for k, v in row.items() if k not in ("started_at", "decision")}
-        fields["cost"] = _decimal(fields.get("cost"))
-        fields["saved_cost"] = _decimal(fields.get("saved_cost"))
-        usage.append(UsageRecord(created_at=created, hour=int(started // 3600), **fields))
+        usage.append(
+            [
+                row["request_id"],
+                created,
+                int(started // 3600),
+                row["endpoint"],
+                row["key_id"],
+                row["user_id"],
+                row["team_id"],
+                row["alias"],
+                row["provider"],
+                row["deployment"],
+                row["upstream_model"],
+                row["prompt_tokens"],
+                row["completion_tokens"],
+                row["cached_tokens"],
+                row["reasoning_tokens"],
+                row["usage_estimated"],
+                _decimal(row["cost"]),
+                _decimal(row["saved_cost"]),
+                row["latency_ms"],
+                row["ttft_ms"],
+                row["status"],
+                row["error_code"],
+                row["cache_hit"],
+                row["streamed"],
+                row["client_disconnected"],
+                row["attempts"],
+                row.get("metadata") or {},
+            ]
+        )
         decision = row.get("decision")
         if decision:
+            fallbacks = decision.get("fallbacks") or []
             decisions.append(
-                RoutingDecisionRecord(
-                    request_id=row["request_id"],
-                    created_at=created,
-                    fell_back=bool(decision.get("fallbacks")),
-                    **decision,
-                )
+                [
+                    row["request_id"],
+                    created,
+                    decision["alias"],
+                    decision["strategy"],
+                    decision["chosen"],
+                    decision["reason"],
+                    decision["candidates"],
+                    fallbacks,
+                    bool(fallbacks),
+                    decision["outcome"],
+                ]
             )
 
     async def write() -> None:
         with db.activate():
             async with in_transaction() as conn:
-                await UsageRecord.bulk_create(usage, ignore_conflicts=True, using_db=conn)
+                sql, fields = _statement(conn, UsageRecord, USAGE_COLUMNS)
+                await conn.execute_many(sql, [_values(fields, UsageRecord, v) for v in usage])
                 if decisions:
-                    await RoutingDecisionRecord.bulk_create(decisions, ignore_conflicts=True, using_db=conn)
+                    sql, fields = _statement(conn, RoutingDecisionRecord, DECISION_COLUMNS)
+                    await conn.execute_many(sql, [_values(fields, RoutingDecisionRecord, v) for v in decisions])
 
     # A task of its own: when the connection dies mid-transaction, Tortoise can leave the failed
     # transaction as "the connection" in the context of the task that ran it; that must not be the
