@@ -34,7 +34,7 @@ from tests.test_storage_support import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-LATEST = ["0001_initial", "0002_usage_hour_rollup_savings_unique_decisions"]
+LATEST = ["0001_initial", "0002_usage_hour_rollup_savings_unique_decisions", "0003_rollup_grouping_sets"]
 
 DEMO = """
 [providers.demo]
@@ -187,7 +187,8 @@ async def test_migrations_from_an_empty_database(db_url: str) -> None:
 
 async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None:
     """A database created at 0001 with rows in it upgrades to the latest: the new hour column is
-    filled from created_at, duplicate decisions are removed, fell_back is derived from fallbacks."""
+    filled from created_at, duplicate decisions are removed, fell_back is derived from fallbacks,
+    rollups are regrouped into grouping sets."""
     async with opened(db_url, target="0001_initial") as database:
         assert (await database.status()).pending == LATEST[1:]
         connection = database.connection
@@ -198,6 +199,12 @@ async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None
                 "client_disconnected, attempts, metadata, cost) VALUES ('old-1', '2024-05-01 13:45:12.5+00:00', "
                 "'chat.completions', 11, 9, 0, 0, false, 12.5, 200, false, false, false, 1, '{}', 0.25)"
             )
+            for key, requests in (("k1", 3), ("k2", 4)):  # rollups of the first schema: one row per combination
+                await connection.execute_script(
+                    "INSERT INTO usage_rollups (bucket, bucket_start, key_id, user_id, team_id, alias, provider, "
+                    "requests, errors, cache_hits, prompt_tokens, completion_tokens, cost) VALUES ('hour', "
+                    f"'2024-05-01 13:00:00+00:00', '{key}', 'u1', 't1', 'fast', 'p', {requests}, 1, 0, 10, 5, 0.5)"
+                )
             for fallbacks in ('["x"]', "[]"):
                 await connection.execute_script(
                     "INSERT INTO routing_decisions (request_id, created_at, alias, strategy, reason, candidates, "
@@ -208,6 +215,20 @@ async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None
         (row,) = await fetch(database, "SELECT request_id, hour, prompt_tokens, cost FROM usage_records")
         assert row["hour"] == 476269  # 2024-05-01 13:00 UTC in hours since 1970
         assert (row["prompt_tokens"], float(row["cost"])) == (11, 0.25)
+        rollups = await fetch(
+            database, "SELECT dims, key_id, team_id, alias, requests, cost FROM usage_rollups ORDER BY dims, key_id"
+        )
+        assert [
+            (r["dims"], r["key_id"], r["team_id"], r["alias"], r["requests"], float(r["cost"])) for r in rollups
+        ] == [
+            ("", None, None, None, 7, 1.0),
+            ("alias,provider", None, None, "fast", 7, 1.0),
+            ("key_id,user_id,team_id", "k1", "t1", None, 3, 0.5),
+            ("key_id,user_id,team_id", "k2", "t1", None, 4, 0.5),
+            ("team_id", None, "t1", None, 7, 1.0),
+            ("team_id,alias,provider", None, "t1", "fast", 7, 1.0),
+            ("user_id,team_id", None, "t1", None, 7, 1.0),
+        ]
         decisions = await fetch(database, "SELECT request_id, fell_back FROM routing_decisions")
         assert [(d["request_id"], bool(d["fell_back"])) for d in decisions] == [("old-1", True)]
         # the new constraint and columns work
@@ -218,7 +239,7 @@ async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None
         decided = await fetch(database, "SELECT request_id FROM routing_decisions ORDER BY request_id")
         assert [r["request_id"] for r in decided] == ["new-1", "old-1"]
         # and it rolls back to 0001 and forward again
-        assert await database.migrate("0001_initial") == ["-" + LATEST[1]]
+        assert await database.migrate("0001_initial") == ["-" + LATEST[2], "-" + LATEST[1]]
         assert await database.migrate() == LATEST[1:]
 
 

@@ -147,6 +147,9 @@ class UsageRollup(Model):
     id = fields.BigIntField(primary_key=True)
     bucket = fields.CharField(max_length=8)  # "hour" | "day"
     bucket_start = fields.DatetimeField()
+    # the grouping set: which of the dimension columns below this row is grouped by ("" = the total,
+    # "team_id,alias,provider", ...; see retention.ROLLUP_SETS); the others are NULL
+    dims = fields.CharField(max_length=64, default="", db_default="")
     key_id = fields.CharField(max_length=64, null=True)
     user_id = fields.CharField(max_length=64, null=True)
     team_id = fields.CharField(max_length=64, null=True)
@@ -163,7 +166,9 @@ class UsageRollup(Model):
 
     class Meta:
         table = "usage_rollups"
-        indexes = (("bucket", "bucket_start"),)
+        indexes = (("bucket", "bucket_start"), ("bucket", "dims", "bucket_start"))
+        # (from 0001; NULLs never collide in a unique constraint, so the cleanup job's transaction, not
+        # this constraint, keeps one row per bucket and group)
         unique_together = (("bucket", "bucket_start", "key_id", "user_id", "team_id", "alias", "provider"),)
 
 

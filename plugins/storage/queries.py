@@ -8,6 +8,10 @@ thousand rollup rows instead of millions of raw ones:
 * hourly rollups for the complete hours already rolled up,
 * raw usage rows for the rest (the hours since the last cleanup run, the current hour).
 
+Rollups exist per grouping set (:data:`~.retention.ROLLUP_SETS`: the total, model and provider,
+team, team and model, user, key); a question about dimensions no set covers (e.g. key by model) is
+answered from raw rows only, so for the last ``raw_days``.
+
 Ranges are aligned to whole buckets (start rounded down, end rounded up). Hourly buckets older
 than the hourly-rollup retention come back as whole days (only the daily rollups remain).
 
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from .database import Database
+from .retention import ROLLUP_SETS
 from .sql import at_hour, fetch, number, timestamp
 
 UTC = dt.UTC
@@ -86,18 +91,23 @@ def _where(db: Database, filters: dict[str, str | None]) -> tuple[str, list[Any]
 
 
 async def _rollup_edges(db: Database) -> dict[str, tuple[int, int] | None]:
-    """For each rollup bucket: (first hour covered, first hour not covered), or None."""
-    rows = await fetch(
-        db,
-        "SELECT bucket, MIN(bucket_start) AS first, MAX(bucket_start) AS last FROM usage_rollups GROUP BY bucket",
-    )
+    """For each rollup bucket: (first hour covered, first hour not covered), or None.
+
+    Read from the total set (``dims = ''``), which has a row for every bucket that had traffic."""
     out: dict[str, tuple[int, int] | None] = {"hour": None, "day": None}
-    for row in rows:
-        first, last = row["first"], row["last"]
+    for bucket, step in (("hour", 1), ("day", 24)):
+        rows = await fetch(
+            db,
+            "SELECT MIN(bucket_start) AS first, MAX(bucket_start) AS last FROM usage_rollups "
+            "WHERE bucket = ? AND dims = ''",
+            [bucket],
+        )
+        first, last = rows[0]["first"], rows[0]["last"]
+        if first is None:
+            continue
         if isinstance(first, str):
             first, last = dt.datetime.fromisoformat(first), dt.datetime.fromisoformat(last)
-        step = 1 if row["bucket"] == "hour" else 24
-        out[str(row["bucket"])] = (int(first.timestamp() // 3600), int(last.timestamp() // 3600) + step)
+        out[bucket] = (int(first.timestamp() // 3600), int(last.timestamp() // 3600) + step)
     return out
 
 
@@ -122,7 +132,9 @@ async def usage(
         raise ValueError(f"unknown dimension {group_by!r}")
     first, last = _align(start, end, bucket)
     where, params = _where(db, filters or {})
-    edges = await _rollup_edges(db)
+    needed = {DIMENSIONS[name] for name in (filters or {})} | ({column} if column else set())
+    dims = next((d for d, columns in ROLLUP_SETS.items() if needed <= set(columns)), None)
+    edges = await _rollup_edges(db) if dims is not None else {"hour": None, "day": None}
     step = _hours(bucket)
     points: dict[tuple[int, str | None], UsagePoint] = {}
 
@@ -173,9 +185,9 @@ async def usage(
                 "SUM(cache_hits) AS cache_hits, SUM(prompt_tokens) AS prompt_tokens, "
                 "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
                 "SUM(cost) AS cost, SUM(saved_cost) AS saved_cost FROM usage_rollups "
-                f"WHERE bucket = ? AND bucket_start >= ? AND bucket_start < ?{where} "
+                f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where} "
                 f"GROUP BY bucket_start{', ' + column if column else ''}",
-                [source, timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params],
+                [source, dims, timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params],
             )
             for row in rows:
                 b = row["b"]

@@ -36,6 +36,17 @@ log = logging.getLogger("llmgateway.storage")
 
 UTC = dt.UTC
 DIMENSIONS = ("key_id", "user_id", "team_id", "alias", "provider")
+#: The grouping sets usage is rolled up by, smallest first (``UsageRollup.dims`` → its columns).
+#: A query grouped or filtered by dimensions no set covers reads raw rows (kept ``raw_days``).
+ROLLUP_SETS: dict[str, tuple[str, ...]] = {
+    "": (),
+    "alias,provider": ("alias", "provider"),
+    "team_id": ("team_id",),
+    "team_id,alias,provider": ("team_id", "alias", "provider"),
+    "user_id,team_id": ("user_id", "team_id"),
+    "key_id,user_id,team_id": ("key_id", "user_id", "team_id"),
+}
+ROLLUP_LOCK = 0x6C6C6D68
 ERROR = "CASE WHEN status >= 400 AND status <> 499 THEN 1 ELSE 0 END"
 
 
@@ -113,7 +124,9 @@ async def cleanup(
 
 async def _hours_to_roll(db: Database, end_hour: int, late: int, bucket: str) -> set[int]:
     """Complete hours (before ``end_hour``) to (re)compute: after the newest rollup, and the late window."""
-    latest = await fetch(db, "SELECT MAX(bucket_start) AS latest FROM usage_rollups WHERE bucket = ?", [bucket])
+    latest = await fetch(
+        db, "SELECT MAX(bucket_start) AS latest FROM usage_rollups WHERE bucket = ? AND dims = ''", [bucket]
+    )
     latest_start = latest[0]["latest"] if latest else None
     first: int
     if latest_start is None:
@@ -150,22 +163,26 @@ async def _roll(db: Database, bucket: str, start_hour: int, end_hour: int, step:
     from .models import ModelMetric, UsageRollup
 
     group = "hour" if step == 1 else f"(hour / {step}) * {step}"
-    dims = ", ".join(DIMENSIONS)
-    usage = await fetch(
-        db,
-        f"SELECT {group} AS h, {dims}, COUNT(*) AS requests, SUM({ERROR}) AS errors, "  # noqa: S608 - constants
-        "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS cache_hits, "
-        "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
-        "SUM(cached_tokens) AS cached_tokens, SUM(cost) AS cost, SUM(saved_cost) AS saved_cost "
-        f"FROM usage_records WHERE hour >= ? AND hour < ? GROUP BY {group}, {dims}",
-        [start_hour, end_hour],
-    )
+    usage: list[tuple[str, dict[str, Any]]] = []
+    for dims, columns in ROLLUP_SETS.items():
+        cols = "".join(f", {c}" for c in columns)
+        for row in await fetch(
+            db,
+            f"SELECT {group} AS h{cols}, COUNT(*) AS requests, SUM({ERROR}) AS errors, "  # noqa: S608 - constants
+            "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS cache_hits, "
+            "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
+            "SUM(cached_tokens) AS cached_tokens, SUM(cost) AS cost, SUM(saved_cost) AS saved_cost "
+            f"FROM usage_records WHERE hour >= ? AND hour < ? GROUP BY {group}{cols}",
+            [start_hour, end_hour],
+        ):
+            usage.append((dims, row))
     metrics = await _metrics(db, group, start_hour, end_hour)
     rollups = [
         UsageRollup(
             bucket=bucket,
             bucket_start=at_hour(int(row["h"])),
-            **{d: row[d] for d in DIMENSIONS},
+            dims=dims,
+            **{d: row.get(d) for d in DIMENSIONS},
             requests=int(row["requests"]),
             errors=int(row["errors"] or 0),
             cache_hits=int(row["cache_hits"] or 0),
@@ -175,11 +192,13 @@ async def _roll(db: Database, bucket: str, start_hour: int, end_hour: int, step:
             cost=_dec(row["cost"]),
             saved_cost=_dec(row["saved_cost"]),
         )
-        for row in usage
+        for dims, row in usage
     ]
     starts = [at_hour(h) for h in range(start_hour, end_hour, step)]
     with db.activate():
         async with in_transaction() as conn:
+            if db.dialect == "postgres":  # two cleanups at once (job and CLI) take turns per bucket range
+                await conn.execute_query("SELECT pg_advisory_xact_lock($1)", [ROLLUP_LOCK])
             await UsageRollup.filter(bucket=bucket, bucket_start__in=starts).using_db(conn).delete()
             await ModelMetric.filter(bucket=bucket, bucket_start__in=starts).using_db(conn).delete()
             if rollups:
