@@ -369,3 +369,20 @@ async def test_decision_rows_via_url_helper(tmp_path: Path) -> None:
     (row,) = await decision_rows(url)
     assert row["request_id"] == "r1"
     assert bool(row["fell_back"])
+
+
+async def test_cleanup_is_offered_as_a_job(serve_gateway: GatewayFactory, tmp_path: Path) -> None:
+    toml = '[database.retention]\nschedule = "*/15 * * * *"\n' + DEMO
+    async with serve_gateway(toml) as url:
+        gateway = serve_gateway.gateway  # type: ignore[attr-defined]
+        job = gateway.jobs["storage.cleanup"]
+        async with httpx.AsyncClient(base_url=url) as http:
+            await http.post(
+                "/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "x"}]}
+            )
+        await gateway.state["storage"].writer.flush()
+        await job.run(gateway)  # as the scheduler runs it
+        result = await gateway.state["storage"].cleanup()
+    assert job.schedule == "*/15 * * * *"
+    assert (result.hours_rolled, result.usage_deleted) == (48, 0)  # the late window; the current hour is open
+    assert len(await usage_rows(f"sqlite://{tmp_path / 'llmgateway.db'}")) == 1

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from llmgateway.core.config import GatewayConfig, Section
 
 DEFAULT_URL = "sqlite://llmgateway.db"
-SCHEMES = ("sqlite", "postgres", "postgresql", "asyncpg", "mysql", "mssql")
+SCHEMES = ("sqlite", "postgres", "postgresql", "asyncpg", "mysql", "mssql", "oracle")
 
 
 @dataclass(slots=True, frozen=True)
