@@ -165,15 +165,16 @@ async def usage(
         segments.append(("raw", cursor, last))
 
     group_sql = column or "NULL"
+    hour_sql = "hour" if step == 1 else f"(hour / {step}) * {step}"
     for source, lo, hi in segments:
         if source == "raw":
             rows = await fetch(
                 db,
-                f"SELECT hour AS h, {group_sql} AS g, COUNT(*) AS requests, SUM({ERROR}) AS errors, "  # noqa: S608
+                f"SELECT {hour_sql} AS h, {group_sql} AS g, COUNT(*) AS requests, SUM({ERROR}) AS errors, "  # noqa: S608
                 "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS cache_hits, SUM(prompt_tokens) AS prompt_tokens, "
                 "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
                 "SUM(cost) AS cost, SUM(saved_cost) AS saved_cost FROM usage_records "
-                f"WHERE created_at >= ? AND created_at < ?{where} GROUP BY hour{', ' + column if column else ''}",
+                f"WHERE created_at >= ? AND created_at < ?{where} GROUP BY {hour_sql}{', ' + column if column else ''}",
                 [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params],
             )
             for row in rows:
@@ -234,39 +235,40 @@ async def routing_stats(
     if alias is not None:
         where += " AND alias = ?"
         params.append(alias)
-    fell = "SUM(CASE WHEN fell_back THEN 1 ELSE 0 END)"
-    total = await fetch(db, f"SELECT COUNT(*) AS n, {fell} AS f FROM routing_decisions WHERE {where}", params)  # noqa: S608
-    by_reason = await fetch(
+    rows = await fetch(
         db,
-        f"SELECT strategy, reason, COUNT(*) AS n, {fell} AS f FROM routing_decisions WHERE {where} "  # noqa: S608
-        "GROUP BY strategy, reason ORDER BY COUNT(*) DESC",
+        "SELECT strategy, reason, chosen, outcome, COUNT(*) AS n, "  # noqa: S608 - constant text
+        f"SUM(CASE WHEN fell_back THEN 1 ELSE 0 END) AS f FROM routing_decisions WHERE {where} "
+        "GROUP BY strategy, reason, chosen, outcome",
         params,
-    )
-    by_chosen = await fetch(
-        db,
-        f"SELECT chosen, COUNT(*) AS n, {fell} AS f FROM routing_decisions WHERE {where} "  # noqa: S608
-        "GROUP BY chosen ORDER BY COUNT(*) DESC",
-        params,
-    )
-    by_outcome = await fetch(
-        db,
-        f"SELECT outcome, COUNT(*) AS n FROM routing_decisions WHERE {where} GROUP BY outcome ORDER BY COUNT(*) DESC",  # noqa: S608
-        params,
-    )
-    n = int(total[0]["n"] or 0) if total else 0
-    fell_back = int(total[0]["f"] or 0) if total else 0
+    )  # one scan; the breakdowns are sums of these few groups
+    by_reason: dict[tuple[str, str], list[int]] = {}
+    by_chosen: dict[str | None, list[int]] = {}
+    by_outcome: dict[str, int] = {}
+    n = fell_back = 0
+    for row in rows:
+        count, fell = int(row["n"]), int(row["f"] or 0)
+        n += count
+        fell_back += fell
+        reason = by_reason.setdefault((row["strategy"], row["reason"]), [0, 0])
+        chosen = by_chosen.setdefault(row["chosen"], [0, 0])
+        for agg in (reason, chosen):
+            agg[0] += count
+            agg[1] += fell
+        by_outcome[row["outcome"]] = by_outcome.get(row["outcome"], 0) + count
     return {
         "decisions": n,
         "fell_back": fell_back,
         "fallback_rate": (fell_back / n) if n else 0.0,
         "by_strategy": [
-            {"strategy": r["strategy"], "reason": r["reason"], "decisions": int(r["n"]), "fell_back": int(r["f"] or 0)}
-            for r in by_reason
+            {"strategy": k[0], "reason": k[1], "decisions": v[0], "fell_back": v[1]}
+            for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1][0])
         ],
         "by_deployment": [
-            {"deployment": r["chosen"], "decisions": int(r["n"]), "fell_back": int(r["f"] or 0)} for r in by_chosen
+            {"deployment": k, "decisions": v[0], "fell_back": v[1]}
+            for k, v in sorted(by_chosen.items(), key=lambda kv: -kv[1][0])
         ],
-        "by_outcome": [{"outcome": r["outcome"], "decisions": int(r["n"])} for r in by_outcome],
+        "by_outcome": [{"outcome": k, "decisions": v} for k, v in sorted(by_outcome.items(), key=lambda kv: -kv[1])],
     }
 
 

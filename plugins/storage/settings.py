@@ -47,6 +47,8 @@ class StorageSettings:
     def display_url(self) -> str:
         """The URL without its password (for logs and ``llmgateway db status``)."""
         parts = urlsplit(self.url)
+        if parts.scheme == "sqlite":
+            return self.url.split("?", 1)[0]
         if parts.password:
             netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
             return parts._replace(netloc=netloc).geturl()
