@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from .database import Database
 from .retention import ROLLUP_SETS
-from .sql import at_hour, fetch, number, timestamp
+from .sql import at_hour, fetch, number, placeholders, timestamp
 
 UTC = dt.UTC
 Bucket = Literal["hour", "day"]
@@ -111,6 +111,121 @@ async def _rollup_edges(db: Database) -> dict[str, tuple[int, int] | None]:
     return out
 
 
+def _plan(
+    edges: dict[str, tuple[int, int] | None], first: int, last: int, bucket: Bucket
+) -> list[tuple[str, int, int]]:
+    """(source, from hour, to hour) segments covering [first, last): day rollups, hour rollups, raw."""
+    cursor = first
+    segments: list[tuple[str, int, int]] = []
+    day, hour = edges["day"], edges["hour"]
+    if day is not None and (bucket == "day" or hour is None or cursor < hour[0]):
+        upto = min(last, day[1]) if bucket == "day" else min(last, day[1], hour[0] if hour else day[1])
+        if cursor < upto:
+            segments.append(("day", cursor, upto))
+            cursor = upto
+    if hour is not None and cursor < min(last, hour[1]):
+        upto = min(last, hour[1])
+        segments.append(("hour", cursor, upto))
+        cursor = upto
+    if cursor < last:
+        segments.append(("raw", cursor, last))
+    return segments
+
+
+_RAW_SUMS = (
+    f"COUNT(*), SUM({ERROR}), SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END), SUM(prompt_tokens), "
+    "SUM(completion_tokens), SUM(cached_tokens), SUM(cost), SUM(saved_cost)"
+)
+_ROLLUP_SUMS = (
+    "SUM(requests), SUM(errors), SUM(cache_hits), SUM(prompt_tokens), SUM(completion_tokens), "
+    "SUM(cached_tokens), SUM(cost), SUM(saved_cost)"
+)
+
+
+def _group_by(*terms: str | None) -> str:
+    present = [t for t in terms if t]
+    return f" GROUP BY {', '.join(present)}" if present else ""
+
+
+async def _collect(
+    db: Database,
+    start: dt.datetime,
+    end: dt.datetime,
+    bucket: Bucket,
+    group_by: str | None,
+    filters: dict[str, str | None] | None,
+    *,
+    by_time: bool,
+) -> dict[tuple[int, str | None], list[float]]:
+    """(bucket start hour or 0, group) → [requests, errors, cache hits, prompt, completion, cached,
+    cost, saved cost], summed over every source segment."""
+    if bucket not in ("hour", "day"):
+        raise ValueError("bucket must be 'hour' or 'day'")
+    column = DIMENSIONS.get(group_by) if group_by else None
+    if group_by and column is None:
+        raise ValueError(f"unknown dimension {group_by!r} (known: {', '.join(DIMENSIONS)})")
+    first, last = _align(start, end, bucket)
+    where, params = _where(db, filters or {})
+    needed = {DIMENSIONS[name] for name in (filters or {})} | ({column} if column else set())
+    dims = next((d for d, columns in ROLLUP_SETS.items() if needed <= set(columns)), None)
+    edges: dict[str, tuple[int, int] | None] = {"hour": None, "day": None}
+    if dims is not None:
+        edges = await _rollup_edges(db)
+    step = _hours(bucket)
+    group_sql = column or "NULL"
+    out: dict[tuple[int, str | None], list[float]] = {}
+    for source, lo, hi in _plan(edges, first, last, bucket):
+        if source == "raw":
+            time_sql = ("hour" if step == 1 else f"(hour / {step}) * {step}") if by_time else "0"
+            text = (
+                f"SELECT {time_sql} AS h, {group_sql} AS g, {_RAW_SUMS} FROM usage_records "  # noqa: S608
+                f"WHERE created_at >= ? AND created_at < ?{where}{_group_by(time_sql if by_time else None, column)}"
+            )
+            values = [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params]
+        else:
+            time_sql = "bucket_start" if by_time else "NULL"
+            text = (
+                f"SELECT {time_sql} AS h, {group_sql} AS g, {_ROLLUP_SUMS} FROM usage_rollups "  # noqa: S608
+                f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where}"
+                f"{_group_by(time_sql if by_time else None, column)}"
+            )
+            values = [source, dims, timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params]
+        with db.activate():
+            _, rows = await db.connection.execute_query(placeholders(db, text), values)
+        for row in rows:
+            h, g, *sums = tuple(row)
+            if not by_time:
+                hour = 0
+            elif isinstance(h, int):
+                hour = h
+            else:
+                moment = dt.datetime.fromisoformat(h) if isinstance(h, str) else h
+                hour = int(moment.timestamp() // 3600)
+            key = (hour - hour % step, None if g is None else str(g))
+            agg = out.get(key)
+            if agg is None:
+                out[key] = [number(v) for v in sums]
+            else:
+                for i, v in enumerate(sums):
+                    agg[i] += number(v)
+    return out
+
+
+def _point(hour: int, group: str | None, sums: list[float]) -> UsagePoint:
+    return UsagePoint(
+        at_hour(hour),
+        group,
+        int(sums[0]),
+        int(sums[1]),
+        int(sums[2]),
+        int(sums[3]),
+        int(sums[4]),
+        int(sums[5]),
+        sums[6],
+        sums[7],
+    )
+
+
 async def usage(
     db: Database,
     start: dt.datetime,
@@ -125,77 +240,8 @@ async def usage(
     ``group_by`` and the keys of ``filters`` are names from :data:`DIMENSIONS` (model, provider,
     user, team, key). Buckets without traffic are omitted. Sorted by bucket, then group.
     """
-    if bucket not in ("hour", "day"):
-        raise ValueError("bucket must be 'hour' or 'day'")
-    column = DIMENSIONS.get(group_by) if group_by else None
-    if group_by and column is None:
-        raise ValueError(f"unknown dimension {group_by!r}")
-    first, last = _align(start, end, bucket)
-    where, params = _where(db, filters or {})
-    needed = {DIMENSIONS[name] for name in (filters or {})} | ({column} if column else set())
-    dims = next((d for d, columns in ROLLUP_SETS.items() if needed <= set(columns)), None)
-    edges = await _rollup_edges(db) if dims is not None else {"hour": None, "day": None}
-    step = _hours(bucket)
-    points: dict[tuple[int, str | None], UsagePoint] = {}
-
-    def add(hour: int, group: Any, row: dict[str, Any]) -> None:
-        key_hour = hour - hour % step
-        key = (key_hour, None if group is None else str(group))
-        point = points.get(key)
-        if point is None:
-            point = points[key] = UsagePoint(at_hour(key_hour), key[1])
-        for name in _SUMS:
-            setattr(point, name, getattr(point, name) + int(row[name] or 0))
-        point.cost += number(row["cost"])
-        point.saved_cost += number(row["saved_cost"])
-
-    cursor = first
-    segments: list[tuple[str, int, int]] = []  # (source, from hour, to hour)
-    day, hour = edges["day"], edges["hour"]
-    if day is not None and (bucket == "day" or hour is None or cursor < hour[0]):
-        upto = min(last, day[1]) if bucket == "day" else min(last, day[1], hour[0] if hour else day[1])
-        if cursor < upto:
-            segments.append(("day", cursor, upto))
-            cursor = upto
-    if hour is not None and cursor < min(last, hour[1]):
-        upto = min(last, hour[1])
-        segments.append(("hour", cursor, upto))
-        cursor = upto
-    if cursor < last:
-        segments.append(("raw", cursor, last))
-
-    group_sql = column or "NULL"
-    hour_sql = "hour" if step == 1 else f"(hour / {step}) * {step}"
-    for source, lo, hi in segments:
-        if source == "raw":
-            rows = await fetch(
-                db,
-                f"SELECT {hour_sql} AS h, {group_sql} AS g, COUNT(*) AS requests, SUM({ERROR}) AS errors, "  # noqa: S608
-                "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS cache_hits, SUM(prompt_tokens) AS prompt_tokens, "
-                "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
-                "SUM(cost) AS cost, SUM(saved_cost) AS saved_cost FROM usage_records "
-                f"WHERE created_at >= ? AND created_at < ?{where} GROUP BY {hour_sql}{', ' + column if column else ''}",
-                [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params],
-            )
-            for row in rows:
-                add(int(row["h"]), row["g"], row)
-        else:
-            rows = await fetch(
-                db,
-                f"SELECT bucket_start AS b, {group_sql} AS g, SUM(requests) AS requests, SUM(errors) AS errors, "  # noqa: S608
-                "SUM(cache_hits) AS cache_hits, SUM(prompt_tokens) AS prompt_tokens, "
-                "SUM(completion_tokens) AS completion_tokens, SUM(cached_tokens) AS cached_tokens, "
-                "SUM(cost) AS cost, SUM(saved_cost) AS saved_cost FROM usage_rollups "
-                f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where} "
-                f"GROUP BY bucket_start{', ' + column if column else ''}",
-                [source, dims, timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params],
-            )
-            for row in rows:
-                b = row["b"]
-                if isinstance(b, str):
-                    b = dt.datetime.fromisoformat(b)
-                add(int(b.timestamp() // 3600), row["g"], row)
-    return sorted(points.values(), key=lambda p: (p.bucket_start, p.group or ""))
+    collected = await _collect(db, start, end, bucket, group_by, filters, by_time=True)
+    return [_point(h, g, sums) for (h, g), sums in sorted(collected.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]
 
 
 async def totals(
@@ -207,19 +253,12 @@ async def totals(
     filters: dict[str, str | None] | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One total per value of ``group_by`` over the whole range, most expensive first
-    (e.g. top teams by cost). Without ``group_by``: a single total."""
-    points = await usage(db, start, end, bucket="day", group_by=group_by, filters=filters)
-    merged: dict[str | None, UsagePoint] = {}
-    for point in points:
-        total = merged.setdefault(point.group, UsagePoint(point.bucket_start, point.group))
-        for name in _SUMS:
-            setattr(total, name, getattr(total, name) + getattr(point, name))
-        total.cost += point.cost
-        total.saved_cost += point.saved_cost
+    """One total per value of ``group_by`` over the whole range (aligned to days), most expensive
+    first (e.g. top teams by cost). Without ``group_by``: a single total (none without traffic)."""
+    collected = await _collect(db, start, end, "day", group_by, filters, by_time=False)
     out = []
-    for total in sorted(merged.values(), key=lambda p: (-p.cost, -p.requests, p.group or "")):
-        row = total.as_dict()
+    for (_, group), sums in sorted(collected.items(), key=lambda kv: (-kv[1][6], -kv[1][0], kv[0][1] or "")):
+        row = _point(0, group, sums).as_dict()
         del row["bucket_start"]
         out.append(row)
     return out[:limit] if limit else out
