@@ -30,7 +30,7 @@ from typing import Any
 
 from .database import Database
 from .settings import Retention
-from .sql import at_hour, execute, fetch, number, timestamp
+from .sql import at_hour, execute, fetch, number, placeholders, timestamp
 
 log = logging.getLogger("llmgateway.storage")
 
@@ -156,56 +156,68 @@ def _ranges(sorted_values: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _bucket_start(db: Database, hour_sql: str) -> str:
+    """SQL turning hours since 1970 into the stored form of a UTC timestamp."""
+    if db.dialect == "postgres":
+        return f"to_timestamp(({hour_sql}) * 3600)"
+    return f"strftime('%Y-%m-%d %H:%M:%S+00:00', ({hour_sql}) * 3600, 'unixepoch')"
+
+
+METRIC_COLUMNS = (
+    "bucket",
+    "bucket_start",
+    "alias",
+    "provider",
+    "deployment",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+)
+
+
 async def _roll(db: Database, bucket: str, start_hour: int, end_hour: int, step: int) -> None:
-    """Replace the ``bucket`` rollups of [start_hour, end_hour) with fresh aggregates of the raw rows."""
+    """Replace the ``bucket`` rollups of [start_hour, end_hour) with fresh aggregates of the raw rows:
+    usage rollups with ``INSERT … SELECT`` (no rows travel), model metrics through Python
+    (percentiles)."""
     from tortoise.transactions import in_transaction
 
-    from .models import ModelMetric, UsageRollup
+    from .models import ModelMetric
+    from .writer import _statement, _values
 
     group = "hour" if step == 1 else f"(hour / {step}) * {step}"
-    usage: list[tuple[str, dict[str, Any]]] = []
-    for dims, columns in ROLLUP_SETS.items():
-        cols = "".join(f", {c}" for c in columns)
-        for row in await fetch(
-            db,
-            f"SELECT {group} AS h{cols}, COUNT(*) AS requests, SUM({ERROR}) AS errors, "  # noqa: S608 - constants
-            "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS cache_hits, "
-            "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
-            "SUM(cached_tokens) AS cached_tokens, SUM(cost) AS cost, SUM(saved_cost) AS saved_cost "
-            f"FROM usage_records WHERE hour >= ? AND hour < ? GROUP BY {group}{cols}",
-            [start_hour, end_hour],
-        ):
-            usage.append((dims, row))
     metrics = await _metrics(db, group, start_hour, end_hour)
-    rollups = [
-        UsageRollup(
-            bucket=bucket,
-            bucket_start=at_hour(int(row["h"])),
-            dims=dims,
-            **{d: row.get(d) for d in DIMENSIONS},
-            requests=int(row["requests"]),
-            errors=int(row["errors"] or 0),
-            cache_hits=int(row["cache_hits"] or 0),
-            prompt_tokens=int(row["prompt_tokens"] or 0),
-            completion_tokens=int(row["completion_tokens"] or 0),
-            cached_tokens=int(row["cached_tokens"] or 0),
-            cost=_dec(row["cost"]),
-            saved_cost=_dec(row["saved_cost"]),
+    lo, hi = timestamp(db, at_hour(start_hour)), timestamp(db, at_hour(end_hour))
+    inserts = []
+    for columns in ROLLUP_SETS.values():
+        cols = "".join(f", {c}" for c in columns)
+        inserts.append(
+            "INSERT INTO usage_rollups (bucket, bucket_start, dims"  # noqa: S608 - constants only
+            f"{cols}, requests, errors, cache_hits, prompt_tokens, completion_tokens, cached_tokens, cost, saved_cost) "
+            f"SELECT ?, {_bucket_start(db, group)}, ?{cols}, COUNT(*), SUM({ERROR}), "
+            "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END), SUM(prompt_tokens), SUM(completion_tokens), "
+            "SUM(cached_tokens), COALESCE(SUM(cost), 0), COALESCE(SUM(saved_cost), 0) "
+            f"FROM usage_records WHERE hour >= ? AND hour < ? GROUP BY {group}{cols}"
         )
-        for dims, row in usage
-    ]
-    starts = [at_hour(h) for h in range(start_hour, end_hour, step)]
     with db.activate():
         async with in_transaction() as conn:
             if db.dialect == "postgres":  # two cleanups at once (job and CLI) take turns per bucket range
                 await conn.execute_query("SELECT pg_advisory_xact_lock($1)", [ROLLUP_LOCK])
-            await UsageRollup.filter(bucket=bucket, bucket_start__in=starts).using_db(conn).delete()
-            await ModelMetric.filter(bucket=bucket, bucket_start__in=starts).using_db(conn).delete()
-            if rollups:
-                await UsageRollup.bulk_create(rollups, batch_size=1000, using_db=conn)
+            for table in ("usage_rollups", "model_metrics"):
+                delete = f"DELETE FROM {table} WHERE bucket = ? AND bucket_start >= ? AND bucket_start < ?"  # noqa: S608
+                await conn.execute_query(placeholders(db, delete), [bucket, lo, hi])
+            for (dims, _), text in zip(ROLLUP_SETS.items(), inserts, strict=True):
+                await conn.execute_query(placeholders(db, text), [bucket, dims, start_hour, end_hour])
             if metrics:
-                await ModelMetric.bulk_create(
-                    [ModelMetric(bucket=bucket, **m) for m in metrics], batch_size=1000, using_db=conn
+                sql, fields = _statement(conn, ModelMetric, METRIC_COLUMNS)
+                await conn.execute_many(
+                    sql, [_values(fields, ModelMetric, [bucket, *(m.get(c) for c in METRIC_COLUMNS[1:])]) for m in metrics]
                 )
 
 
