@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -112,6 +113,22 @@ async def test_key_and_team_limits_come_from_their_rows(serve_gateway: GatewayFa
         check_429(refused)
 
 
+async def wait_for_tokens(plugin: Any, scope: str, expected: int) -> None:
+    """Until the scope's window holds ``expected`` tokens (the plugin's own counters, either backend)."""
+    total = None
+    for _ in range(200):
+        if plugin.redis is not None:
+            raw = await plugin.redis.client.hget(f"{plugin.redis.prefix}rl:{scope}:tok", "_total")
+            total = int(raw) if raw is not None else None
+        else:
+            entry = plugin.memory.scopes.get(scope)
+            total = entry.total if entry is not None else None
+        if total == expected:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{scope} holds {total} tokens, not {expected}")
+
+
 async def test_tokens_are_reserved_then_corrected_to_real_usage(serve_gateway: GatewayFactory, backend: str) -> None:
     toml = config(f"[ratelimit]\n{backend}[ratelimit.models.demo]\ntpm = 200\n")
     body = chat(max_tokens=60)
@@ -122,6 +139,8 @@ async def test_tokens_are_reserved_then_corrected_to_real_usage(serve_gateway: G
         assert int(first.headers["x-ratelimit-remaining-tokens"]) == 200 - reserve
         used = first.json()["usage"]["total_tokens"]
         assert used < reserve
+        # the correction happens when the request ends, just after its response was sent
+        await wait_for_tokens(serve_gateway.gateway.pm.get_plugin("ratelimit"), "model:demo", used)  # type: ignore[attr-defined]
         second = await http.post("/v1/chat/completions", json=body, headers=auth(MASTER_KEY))
         assert second.status_code == 200
         # the first request now counts what it really used, the second its reservation

@@ -24,10 +24,13 @@ Responses carry OpenAI's headers: ``x-ratelimit-limit-requests``, ``x-ratelimit-
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +50,7 @@ log = logging.getLogger("llmgateway.security.ratelimit")
 
 WINDOW_MS = 60_000
 NONE = -1
+MAX_QUEUED = 100_000  # finished requests waiting for Redis (beyond this the oldest rely on lease expiry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,21 @@ class MemoryBackend:
 
 
 # ---- the Redis backend ----------------------------------------------------------------------
+#
+# One script call per admission and one per finish. Arguments travel packed in one string (fields
+# separated by \x1f) and key names are built in the script from the prefix: packing a dozen
+# arguments costs the client more than the script costs Redis. (Keys named inside a script are fine
+# on a standalone Redis or a primary with replicas, not on Redis Cluster.)
+
+SEP = "\x1f"
+
+_FIELDS = """
+local function fields(packed)
+  local f = {}
+  for v in string.gmatch(packed, '([^\\031]*)\\031') do f[#f + 1] = v end
+  return f
+end
+"""
 
 _PURGE = """
 local function purge(log, tok, now, window)
@@ -225,18 +244,19 @@ end
 """
 
 ADMIT_LUA = (
-    _PURGE
+    _FIELDS
+    + _PURGE
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member = ARGV[1]
-local window = tonumber(ARGV[2])
-local lease = tonumber(ARGV[3])
-local n = #KEYS / 3
+local prefix, member = ARGV[1], ARGV[2]
+local window, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
+local f = fields(ARGV[5])
+local n = #f / 5
 for i = 1, n do
-  local log, tok, conc = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
-  local b = 3 + 4 * (i - 1)
-  local rpm, tpm, par, cost = tonumber(ARGV[b+1]), tonumber(ARGV[b+2]), tonumber(ARGV[b+3]), tonumber(ARGV[b+4])
+  local base = prefix .. 'rl:' .. f[5*i-4]
+  local log, tok, conc = base .. ':log', base .. ':tok', base .. ':conc'
+  local rpm, tpm, par, cost = tonumber(f[5*i-3]), tonumber(f[5*i-2]), tonumber(f[5*i-1]), tonumber(f[5*i])
   if rpm >= 0 or tpm >= 0 then
     purge(log, tok, now, window)
     local count = redis.call('ZCARD', log)
@@ -285,19 +305,18 @@ for i = 1, n do
 end
 local out = {1}
 for i = 1, n do
-  local log, tok, conc = KEYS[3*i-2], KEYS[3*i-1], KEYS[3*i]
-  local b = 3 + 4 * (i - 1)
-  local rpm, tpm, par, cost = tonumber(ARGV[b+1]), tonumber(ARGV[b+2]), tonumber(ARGV[b+3]), tonumber(ARGV[b+4])
+  local base = prefix .. 'rl:' .. f[5*i-4]
+  local log, tok, conc = base .. ':log', base .. ':tok', base .. ':conc'
+  local rpm, tpm, par = tonumber(f[5*i-3]), tonumber(f[5*i-2]), tonumber(f[5*i-1])
   if rpm >= 0 or tpm >= 0 then
     redis.call('ZADD', log, now, member)
-    redis.call('HSET', tok, member, cost)
-    local total = redis.call('HINCRBY', tok, '_total', cost)
+    redis.call('HSET', tok, member, f[5*i])
+    local total = redis.call('HINCRBY', tok, '_total', f[5*i])
     redis.call('PEXPIRE', log, window + lease)
     redis.call('PEXPIRE', tok, window + lease)
-    local count = redis.call('ZCARD', log)
     local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
     local reset = tonumber(oldest[2]) + window - now
-    out[#out + 1] = rpm >= 0 and (rpm - count) or -1
+    out[#out + 1] = rpm >= 0 and (rpm - redis.call('ZCARD', log)) or -1
     out[#out + 1] = reset
     out[#out + 1] = tpm >= 0 and (tpm - total) or -1
     out[#out + 1] = reset
@@ -316,50 +335,98 @@ return out
 """
 )
 
-FINISH_LUA = """
-local member = ARGV[1]
-local n = #KEYS / 3
-for i = 1, n do
-  local tok, conc = KEYS[3*i-1], KEYS[3*i]
-  local tokens, release = tonumber(ARGV[2*i]), tonumber(ARGV[2*i+1])
+FINISH_LUA = (
+    _FIELDS
+    + """
+-- finished requests, batched: (member, scope, real tokens or -1, release the slot 1/0) repeated
+local prefix = ARGV[1]
+local f = fields(ARGV[2])
+for i = 1, #f / 4 do
+  local member = f[4*i-3]
+  local base = prefix .. 'rl:' .. f[4*i-2]
+  local tokens = tonumber(f[4*i-1])
   if tokens >= 0 then
+    local tok = base .. ':tok'
     local old = redis.call('HGET', tok, member)
     if old then
       redis.call('HSET', tok, member, tokens)
-      redis.call('HINCRBY', tok, '_total', tokens - tonumber(old))
+      local delta = tokens - tonumber(old)
+      if delta ~= 0 then redis.call('HINCRBY', tok, '_total', delta) end
     end
   end
-  if release == 1 then redis.call('ZREM', conc, member) end
+  if f[4*i] == '1' then redis.call('ZREM', base .. ':conc', member) end
 end
 return 1
 """
+)
+
+
+class LuaScript:
+    """A script called by its SHA on a pooled connection (EVAL once when Redis does not know it).
+
+    The connection is used directly (``send_command`` / ``read_response``): the generic command path
+    of redis-py costs more than the script itself on this hot path. A connection that failed is
+    disconnected before it goes back to the pool.
+    """
+
+    def __init__(self, client: Any, source: str) -> None:
+        import hashlib
+
+        from redis.exceptions import NoScriptError, ResponseError
+
+        self.pool = client.connection_pool
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the script's name in Redis
+        self._missing = NoScriptError
+        self._answered = ResponseError
+
+    async def __call__(self, *args: Any) -> Any:
+        conn = await self.pool.get_connection()
+        try:
+            try:
+                await conn.send_command("EVALSHA", self.sha, 0, *args)
+                return await conn.read_response()
+            except self._missing:
+                await conn.send_command("EVAL", self.source, 0, *args)
+                return await conn.read_response()
+        except self._answered:
+            raise
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await self.pool.release(conn)
+
+
+def _pack(values: list[Any]) -> str:
+    return "".join(f"{str(v).replace(SEP, '?')}{SEP}" for v in values)
 
 
 class RedisBackend:
-    def __init__(self, client: Any, prefix: str) -> None:
+    """Admissions are one script call each, on the request path. Finished requests are queued and
+    sent in batches by a background task (one script call for everything finished meanwhile), off
+    the request path: a slot is free again a round trip after its request ended."""
+
+    def __init__(self, client: Any, prefix: str, on_error: Callable[[BaseException], None] | None = None) -> None:
         self.client = client
         self.prefix = prefix
-        self._admit = client.register_script(ADMIT_LUA)
-        self._finish = client.register_script(FINISH_LUA)
+        self._admit = LuaScript(client, ADMIT_LUA)
+        self._finish = LuaScript(client, FINISH_LUA)
+        self._queue: list[Any] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._on_error = on_error
 
-    def _keys(self, scopes: list[Scope]) -> list[str]:
-        keys: list[str] = []
-        for scope in scopes:
-            base = f"{self.prefix}rl:{scope.name}"
-            keys += [f"{base}:log", f"{base}:tok", f"{base}:conc"]
-        return keys
+    def keys(self, scope: Scope) -> list[str]:
+        base = f"{self.prefix}rl:{scope.name}"
+        return [f"{base}:log", f"{base}:tok", f"{base}:conc"]
 
     async def admit(self, member: str, scopes: list[Scope], lease_ms: int) -> Verdict:
-        args: list[Any] = [member, WINDOW_MS, lease_ms]
+        values: list[Any] = []
         for scope in scopes:
             rule = scope.rule
-            args += [
-                _arg(rule.rpm),
-                _arg(rule.tpm),
-                _arg(rule.max_parallel),
-                scope.tokens,
-            ]
-        result = await self._admit(keys=self._keys(scopes), args=args)
+            values += [scope.name, _arg(rule.rpm), _arg(rule.tpm), _arg(rule.max_parallel), scope.tokens]
+        result = await self._admit(self.prefix, member, WINDOW_MS, lease_ms, _pack(values))
         if int(result[0]) == 0:
             what = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
             return Verdict(False, scopes[int(result[1]) - 1].name, what, int(result[3]), int(result[4]))
@@ -367,12 +434,53 @@ class RedisBackend:
         remaining = [(values[i], values[i + 1], values[i + 2], values[i + 3]) for i in range(0, len(values), 4)]
         return Verdict(True, remaining=remaining)
 
-    async def finish(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
-        args: list[Any] = [member]
+    def finish_later(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
         for scope in scopes:
             adjust = tokens if tokens is not None and scope.logs else NONE
-            args += [adjust, 1 if scope.rule.max_parallel is not None else 0]
-        await self._finish(keys=self._keys(scopes), args=args)
+            release = 1 if scope.rule.max_parallel is not None else 0
+            if adjust != NONE or release:
+                self._queue += [member, scope.name, adjust, release]
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_forever(), name="ratelimit-finish")
+        self._wake.set()
+
+    async def finish(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
+        """Finish one request now (the batch path is :meth:`finish_later`)."""
+        self.finish_later(member, scopes, tokens)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything queued; what could not be sent stays queued (finishing twice is harmless)."""
+        batch, self._queue = self._queue, []
+        step = 4 * 500
+        for start in range(0, len(batch), step):
+            try:
+                await self._finish(self.prefix, _pack(batch[start : start + step]))
+            except BaseException:
+                self._queue = (batch[start:] + self._queue)[-4 * MAX_QUEUED :]
+                raise
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:  # kept for the next try; leases expire anyway should Redis stay away
+                if self._on_error is not None:
+                    self._on_error(exc)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        if self._queue:
+            with contextlib.suppress(Exception):
+                await self.flush()
 
 
 def _arg(value: int | None) -> int:
@@ -450,10 +558,12 @@ class RateLimitPlugin:
             self._client = make_redis(
                 self.redis_url, timeout=self.redis_timeout, max_connections=self.redis_max_connections
             )
-            self.redis = RedisBackend(self._client, self.key_prefix)
+            self.redis = RedisBackend(self._client, self.key_prefix, on_error=self._redis_failed)
 
     @hookimpl
     async def llmgateway_shutdown(self, gateway: Gateway) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
         if self._client is not None:
             await self._client.aclose(close_connection_pool=True)
             self._client = None
@@ -503,10 +613,7 @@ class RateLimitPlugin:
             else:
                 actual = None
             if backend == "redis" and self.redis is not None:
-                try:
-                    await self.redis.finish(member, scopes, actual)
-                except redis_errors() as exc:
-                    self._redis_failed(exc)
+                self.redis.finish_later(member, scopes, actual)
             elif backend == "local":
                 self.memory.finish(member, scopes, actual)
 
