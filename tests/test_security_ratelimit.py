@@ -60,11 +60,13 @@ def backend(request: pytest.FixtureRequest) -> str:
     return f'backend = "redis"\nredis_url = "{REDIS_URL}"\nkey_prefix = "{prefix}"\n'
 
 
-async def post_many(url: str, count: int, key: str = MASTER_KEY, **body: object) -> list[httpx.Response]:
+async def post_many(
+    url: str, count: int, key: str = MASTER_KEY, model: str = "demo", **body: object
+) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=count)) as http:
         return list(
             await asyncio.gather(
-                *[http.post("/v1/chat/completions", json=chat(**body), headers=auth(key)) for _ in range(count)]  # type: ignore[arg-type]
+                *[http.post("/v1/chat/completions", json=chat(model, **body), headers=auth(key)) for _ in range(count)]  # type: ignore[arg-type]
             )
         )
 
@@ -262,3 +264,38 @@ async def test_redis_failure_falls_back_to_local_limits_and_never_5xx(
     assert statuses == [200, 200, 200, 429, 429]
     assert plugin.stats["redis_errors"] >= 1
     assert plugin.stats["local_fallbacks"] == 5
+
+
+async def test_model_limits_default_to_the_sum_of_their_deployments(serve_gateway: GatewayFactory) -> None:
+    two = """
+    [providers.a]
+    type = "demo"
+
+    [providers.b]
+    type = "demo"
+
+    [[models]]
+    name = "pair"
+    deployments = [{ provider = "a", model = "a-1", rpm = 2 }, { provider = "b", model = "b-1", rpm = 3 }]
+    """
+    async with serve_gateway(config("[ratelimit]\n", two)) as url:
+        responses = await post_many(url, 8, model="pair")
+    assert [r.status_code for r in responses].count(200) == 5
+    assert {r.headers["x-ratelimit-limit-requests"] for r in responses} == {"5"}
+
+
+async def test_a_jwt_users_limits_come_from_the_users_row(serve_gateway: GatewayFactory, security_db: str) -> None:
+    import time
+
+    import jwt
+
+    from llmgateway.plugins.storage.models import User
+
+    secret = "ratelimit-jwt-secret-at-least-32-bytes!"
+    toml = config(database(security_db), f'[auth.jwt]\nsecret = "{secret}"\n')
+    token = jwt.encode({"sub": "u-jwt-rpm", "exp": int(time.time()) + 300}, secret, algorithm="HS256")
+    async with serve_gateway(toml) as url:
+        with orm(serve_gateway.gateway):  # type: ignore[attr-defined]
+            await User.create(id="u-jwt-rpm", email="u-jwt-rpm@example.com", rpm=2)
+        responses = await post_many(url, 4, token)
+    assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
