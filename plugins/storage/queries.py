@@ -132,13 +132,25 @@ def _plan(
     return segments
 
 
-_RAW_SUMS = (
-    f"COUNT(*), SUM({ERROR}), SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END), SUM(prompt_tokens), "
-    "SUM(completion_tokens), SUM(cached_tokens), SUM(cost), SUM(saved_cost)"
+# Sums cast to plain integers and floats: decoding NUMERIC into Decimal costs more than the query.
+_INT = "CAST(COALESCE(SUM({}), 0) AS BIGINT)"
+_FLOAT = "CAST(COALESCE(SUM({}), 0) AS DOUBLE PRECISION)"
+_RAW_SUMS = ", ".join(
+    [
+        "COUNT(*)",
+        *(_INT.format(e) for e in (ERROR, "CASE WHEN cache_hit THEN 1 ELSE 0 END", "prompt_tokens")),
+        *(_INT.format(e) for e in ("completion_tokens", "cached_tokens")),
+        _FLOAT.format("cost"),
+        _FLOAT.format("saved_cost"),
+    ]
 )
-_ROLLUP_SUMS = (
-    "SUM(requests), SUM(errors), SUM(cache_hits), SUM(prompt_tokens), SUM(completion_tokens), "
-    "SUM(cached_tokens), SUM(cost), SUM(saved_cost)"
+_ROLLUP_SUMS = ", ".join(
+    [
+        *(_INT.format(e) for e in ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens")),
+        _INT.format("cached_tokens"),
+        _FLOAT.format("cost"),
+        _FLOAT.format("saved_cost"),
+    ]
 )
 
 
@@ -156,9 +168,9 @@ async def _collect(
     filters: dict[str, str | None] | None,
     *,
     by_time: bool,
-) -> dict[tuple[int, str | None], list[float]]:
-    """(bucket start hour or 0, group) → [requests, errors, cache hits, prompt, completion, cached,
-    cost, saved cost], summed over every source segment."""
+) -> dict[tuple[int, bool, str], list[float]]:
+    """(bucket start hour or 0, group is not None, group or "") → [requests, errors, cache hits,
+    prompt, completion, cached, cost, saved cost], summed over every source segment."""
     if bucket not in ("hour", "day"):
         raise ValueError("bucket must be 'hour' or 'day'")
     column = DIMENSIONS.get(group_by) if group_by else None
@@ -173,7 +185,8 @@ async def _collect(
         edges = await _rollup_edges(db)
     step = _hours(bucket)
     group_sql = column or "NULL"
-    out: dict[tuple[int, str | None], list[float]] = {}
+    out: dict[tuple[int, bool, str], list[float]] = {}  # (hour, has a group, group): sorts natively
+    queries_: list[tuple[str, list[Any], int | None]] = []  # (SQL, values, fixed bucket hour)
     for source, lo, hi in _plan(edges, first, last, bucket):
         if source == "raw":
             time_sql = ("hour" if step == 1 else f"(hour / {step}) * {step}") if by_time else "0"
@@ -181,40 +194,51 @@ async def _collect(
                 f"SELECT {time_sql} AS h, {group_sql} AS g, {_RAW_SUMS} FROM usage_records "  # noqa: S608
                 f"WHERE created_at >= ? AND created_at < ?{where}{_group_by(time_sql if by_time else None, column)}"
             )
-            values = [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params]
-        else:
-            time_sql = "bucket_start" if by_time else "NULL"
-            text = (
-                f"SELECT {time_sql} AS h, {group_sql} AS g, {_ROLLUP_SUMS} FROM usage_rollups "  # noqa: S608
-                f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where}"
-                f"{_group_by(time_sql if by_time else None, column)}"
-            )
-            values = [source, dims, timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params]
+            queries_.append((text, [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params], None))
+            continue
+        # rollups of a finer bucket (hours summed into days) or no time at all: one query per bucket,
+        # grouped by the dimension only, so the database adds the hours up
+        whole = (not by_time) or (source == "hour" and step > 1)
+        time_sql = "NULL" if whole else "bucket_start"
+        text = (
+            f"SELECT {time_sql} AS h, {group_sql} AS g, {_ROLLUP_SUMS} FROM usage_rollups "  # noqa: S608
+            f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where}"
+            f"{_group_by(None if whole else time_sql, column)}"
+        )
+        spans = [(lo, hi)] if not (whole and by_time) else [(h, min(h + step, hi)) for h in range(lo, hi, step)]
+        for a, b in spans:
+            values = [source, dims, timestamp(db, at_hour(a)), timestamp(db, at_hour(b)), *params]
+            queries_.append((text, values, (a - a % step) if whole and by_time else (0 if whole else None)))
+    for text, values, fixed in queries_:
         with db.activate():
             _, rows = await db.connection.execute_query(placeholders(db, text), values)
         for row in rows:
             h, g, *sums = tuple(row)
-            if not by_time:
-                hour = 0
+            if fixed is not None:
+                hour = fixed
             elif isinstance(h, int):
                 hour = h
             else:
                 moment = dt.datetime.fromisoformat(h) if isinstance(h, str) else h
                 hour = int(moment.timestamp() // 3600)
-            key = (hour - hour % step, None if g is None else str(g))
+            key = (hour - hour % step, g is not None, "" if g is None else str(g))
             agg = out.get(key)
             if agg is None:
-                out[key] = [number(v) for v in sums]
+                out[key] = sums
             else:
                 for i, v in enumerate(sums):
-                    agg[i] += number(v)
+                    agg[i] += v
     return out
 
 
-def _point(hour: int, group: str | None, sums: list[float]) -> UsagePoint:
+def _point(key: tuple[int, bool, str], sums: list[float], starts: dict[int, dt.datetime]) -> UsagePoint:
+    hour = key[0]
+    start = starts.get(hour)
+    if start is None:
+        start = starts[hour] = at_hour(hour)
     return UsagePoint(
-        at_hour(hour),
-        group,
+        start,
+        key[2] if key[1] else None,
         int(sums[0]),
         int(sums[1]),
         int(sums[2]),
@@ -241,7 +265,8 @@ async def usage(
     user, team, key). Buckets without traffic are omitted. Sorted by bucket, then group.
     """
     collected = await _collect(db, start, end, bucket, group_by, filters, by_time=True)
-    return [_point(h, g, sums) for (h, g), sums in sorted(collected.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]
+    starts: dict[int, dt.datetime] = {}
+    return [_point(key, collected[key], starts) for key in sorted(collected)]
 
 
 async def totals(
@@ -257,8 +282,9 @@ async def totals(
     first (e.g. top teams by cost). Without ``group_by``: a single total (none without traffic)."""
     collected = await _collect(db, start, end, "day", group_by, filters, by_time=False)
     out = []
-    for (_, group), sums in sorted(collected.items(), key=lambda kv: (-kv[1][6], -kv[1][0], kv[0][1] or "")):
-        row = _point(0, group, sums).as_dict()
+    starts: dict[int, dt.datetime] = {}
+    for key, sums in sorted(collected.items(), key=lambda kv: (-kv[1][6], -kv[1][0], kv[0][1:])):
+        row = _point(key, sums, starts).as_dict()
         del row["bucket_start"]
         out.append(row)
     return out[:limit] if limit else out

@@ -217,7 +217,8 @@ async def _roll(db: Database, bucket: str, start_hour: int, end_hour: int, step:
             if metrics:
                 sql, fields = _statement(conn, ModelMetric, METRIC_COLUMNS)
                 await conn.execute_many(
-                    sql, [_values(fields, ModelMetric, [bucket, *(m.get(c) for c in METRIC_COLUMNS[1:])]) for m in metrics]
+                    sql,
+                    [_values(fields, ModelMetric, [bucket, *(m.get(c) for c in METRIC_COLUMNS[1:])]) for m in metrics],
                 )
 
 
