@@ -57,25 +57,26 @@ def _database_toml(env: Env, value: str) -> str:
 
 
 def _database_setup(env: Env, value: str, config: Path) -> None:
+    """Every gateway start gets an empty database (same conditions for every target), migrated."""
     if value == "postgres":
-        _ensure_postgres_db()
+        _fresh_postgres_db()
+    else:
+        for path in env.workdir.glob("bench.db*"):
+            path.unlink()
     _run_cli(["db", "migrate", "--config", str(config)], allow_missing=True)
 
 
-def _ensure_postgres_db() -> None:
-    """Create the ``llmgateway_bench`` database when it is missing (trust auth on loopback)."""
-    try:
-        import asyncpg  # type: ignore[import-not-found]
-    except ImportError:
-        return
+def _fresh_postgres_db() -> None:
+    """Drop and create the benchmark's own ``llmgateway_bench`` database (trust auth on loopback)."""
     import asyncio
+
+    import asyncpg  # type: ignore[import-not-found,unused-ignore]
 
     async def create() -> None:
         conn = await asyncpg.connect("postgres://postgres@127.0.0.1:5432/postgres")
         try:
-            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'llmgateway_bench'")
-            if not exists:
-                await conn.execute("CREATE DATABASE llmgateway_bench")
+            await conn.execute("DROP DATABASE IF EXISTS llmgateway_bench WITH (FORCE)")
+            await conn.execute("CREATE DATABASE llmgateway_bench")
         finally:
             await conn.close()
 
@@ -84,19 +85,28 @@ def _ensure_postgres_db() -> None:
 
 def _keys_setup(env: Env, value: str, config: Path) -> None:
     """Create one virtual key with the plugin's CLI and make the clients send it."""
-    out = _run_cli(["keys", "create", "--config", str(config), "--models", ALIAS], allow_missing=False)
-    found = re.search(r"\bsk-[A-Za-z0-9_\-]{16,}", out)
+    out = _run_cli(
+        ["keys", "create", "--config", str(config), "--name", "bench", "--model", ALIAS, "--json"], allow_missing=False
+    )
+    found = re.search(r'"key"\s*:\s*"(sk-[^"]+)"', out) or re.search(r"\b(sk-[A-Za-z0-9_\-]{16,})", out)
     if not found:
         raise RuntimeError(f"`llmgateway keys create` printed no key:\n{out}")
-    env.api_key = found.group(0)
+    env.api_key = found.group(1)
 
 
 def _ratelimit_toml(env: Env, value: str) -> str:
     lines = ["[ratelimit]", f'backend = "{value}"']
     if value == "redis":
-        lines.append(f'url = "{REDIS_URL}"')
-    # limits far above what the benchmark sends: the check runs, nothing is refused
-    lines.append("default_rpm = 100000000")
+        lines.append(f'redis_url = "{REDIS_URL}"')
+        lines.append('key_prefix = "llmgateway-bench:"')
+    # limits far above what the benchmark sends: every request is counted, none is refused
+    lines += [
+        "[ratelimit.defaults.key]",
+        "rpm = 100000000",
+        "tpm = 10000000000",
+        f"[ratelimit.models.{ALIAS}]",
+        "rpm = 100000000",
+    ]
     return "\n".join(lines) + "\n"
 
 

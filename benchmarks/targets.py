@@ -96,7 +96,8 @@ def start_llmgateway(
     config = write_config(env, chain, workdir / f"gateway-{server}-{workers}w.toml")
     cli = str(Path(sys.executable).with_name("llmgateway"))
     argv = [cli, "serve", "--config", str(config), "--port", str(port), "--workers", str(workers), "--server", server]
-    child = procs.start(name, argv, workdir / f"llmgateway-{server}-{workers}w.log")
+    # cwd: files a plugin writes by default (SQLite database, spool) land in the work dir
+    child = procs.start(name, argv, workdir / f"llmgateway-{server}-{workers}w.log", cwd=str(workdir))
     target = Target(
         name,
         "llmgateway",

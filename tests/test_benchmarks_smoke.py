@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from llmgateway.core.config import ProviderConfig
-from llmgateway.core.http import GatewayClient, make_client, post_bytes
+from llmgateway.core.http import GatewayClient, make_client, open_stream, post_bytes
 from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +135,29 @@ async def test_post_bytes_matches_client_post() -> None:
             assert limited.json()["ok"] is True
 
 
+async def test_open_stream_matches_client_send_stream() -> None:
+    recorder = Recorder()
+    async with running(recorder) as url:
+        headers = {"content-type": "application/json", "accept": "text/event-stream"}
+        got = []
+        for fast in (True, False):
+            async with _client() as client:
+                if fast:
+                    response = await open_stream(client, f"{url}/v1/chat", content=b'{"s":1}', headers=headers)
+                else:
+                    request = client.build_request("POST", f"{url}/v1/chat", content=b'{"s":1}', headers=headers)
+                    response = await client.send(request, stream=True)
+                try:
+                    raw = b"".join([chunk async for chunk in response.aiter_raw()])
+                finally:
+                    await response.aclose()
+                got.append((response.status_code, raw, response.headers["content-encoding"]))
+                assert client.cookies.get("session") == "abc"
+        assert got[0] == got[1]
+        assert gzip.decompress(got[0][1]) == b'{"ok": true, "echo": {"s":1}}'
+        assert recorder.seen[0] == recorder.seen[1]
+
+
 async def test_post_bytes_errors_are_httpx_errors() -> None:
     recorder = Recorder()
     recorder.delay = 1.0
@@ -142,11 +165,9 @@ async def test_post_bytes_errors_are_httpx_errors() -> None:
         caught = []
         for fast in (True, False):
             async with _client(timeout=0.2) as client:
+                call = post_bytes(client, f"{url}/v1/chat", content=b"{}", headers={}) if fast else None
                 with pytest.raises(httpx.TimeoutException) as error:
-                    if fast:
-                        await post_bytes(client, f"{url}/v1/chat", content=b"{}", headers={})
-                    else:
-                        await client.post(f"{url}/v1/chat", content=b"{}")
+                    await (call or client.post(f"{url}/v1/chat", content=b"{}"))
                 caught.append(type(error.value))
         assert caught[0] is caught[1]
     async with _client(connect_timeout=1.0) as client:

@@ -18,7 +18,7 @@ import orjson
 
 from llmgateway.core.errors import UpstreamProtocolError, error_from_upstream_status, map_upstream_errors
 from llmgateway.core.hookspecs import hookimpl
-from llmgateway.core.http import post_bytes
+from llmgateway.core.http import open_stream, post_bytes
 from llmgateway.core.provider import (
     Provider,
     UpstreamCall,
@@ -132,15 +132,14 @@ class OpenAIProvider(Provider):
         body["stream_options"] = (
             {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         )
-        request = self.http.build_request(
-            "POST",
-            self.url(path, call.deployment.model),
-            content=orjson.dumps(body),
-            headers={**self.request_headers(call), "accept": "text/event-stream"},
-            params=self.params or None,
-        )
         with map_upstream_errors(self.name, self.secrets):
-            response = await self.http.send(request, stream=True)
+            response = await open_stream(
+                self.http,
+                self.url(path, call.deployment.model),
+                content=orjson.dumps(body),
+                headers={**self.request_headers(call), "accept": "text/event-stream"},
+                params=self.params or None,
+            )
         try:
             call.response_headers = self.rate_limit_headers(response.headers)
             if response.status_code >= 400:
