@@ -34,7 +34,12 @@ from tests.test_storage_support import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-LATEST = ["0001_initial", "0002_usage_hour_rollup_savings_unique_decisions", "0003_rollup_grouping_sets"]
+LATEST = [
+    "0001_initial",
+    "0002_usage_hour_rollup_savings_unique_decisions",
+    "0003_rollup_grouping_sets",
+    "0004_usage_hour_index",
+]
 
 DEMO = """
 [providers.demo]
@@ -239,7 +244,7 @@ async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None
         decided = await fetch(database, "SELECT request_id FROM routing_decisions ORDER BY request_id")
         assert [r["request_id"] for r in decided] == ["new-1", "old-1"]
         # and it rolls back to 0001 and forward again
-        assert await database.migrate("0001_initial") == ["-" + LATEST[2], "-" + LATEST[1]]
+        assert await database.migrate("0001_initial") == ["-" + name for name in reversed(LATEST[1:])]
         assert await database.migrate() == LATEST[1:]
 
 

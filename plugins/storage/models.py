@@ -114,6 +114,7 @@ class UsageRecord(Model):
     class Meta:
         table = "usage_records"
         indexes = (
+            ("hour",),  # rollups and retention select whole hours
             ("key_id", "created_at"),
             ("team_id", "created_at"),
             ("user_id", "created_at"),
