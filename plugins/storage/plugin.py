@@ -15,7 +15,11 @@ Contract for other plugins (security, routing, ops, admin)
   ``ctx.decision``): do not insert :class:`~.models.UsageRecord` rows yourself.
 * Changing models.py means adding a migration: ``llmgateway db makemigrations --name what_changed``
   (review it; add a data step with ``RunPython`` when existing rows need values).
-* ``llmgateway db migrate | status | cleanup`` are added through ``llmgateway_register_commands``.
+* ``llmgateway db migrate | status | cleanup`` are added through ``llmgateway_register_commands``;
+  the ``storage.cleanup`` job through ``llmgateway_register_jobs``; ``/health/ready`` gets a
+  ``storage`` check.
+* One SQL dialect per process at a time (Tortoise caches per-model SQL process-wide): tests may
+  switch between SQLite and PostgreSQL gateways, but not run both at once.
 
 How every request and task finds *this* gateway's database: Tortoise resolves connections through a
 contextvar. The plugin sets it in the lifespan task at startup (so tasks started by later startup

@@ -331,7 +331,6 @@ def _alive(pid: int) -> bool:
 
 @dataclass(slots=True)
 class WriterStats:
-    queued: int = 0
     written: int = 0
     spooled: int = 0
     replayed: int = 0
