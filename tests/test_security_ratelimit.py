@@ -120,7 +120,7 @@ async def wait_for_tokens(plugin: Any, scope: str, expected: int) -> None:
     total = None
     for _ in range(200):
         if plugin.redis is not None:
-            raw = await plugin.redis.client.hget(f"{plugin.redis.prefix}rl:{scope}:tok", "_total")
+            raw = await plugin.redis.client.call("HGET", f"{plugin.redis.prefix}rl:{scope}:tok", "_total")
             total = int(raw) if raw is not None else None
         else:
             entry = plugin.memory.scopes.get(scope)
@@ -299,3 +299,24 @@ async def test_a_jwt_users_limits_come_from_the_users_row(serve_gateway: Gateway
             await User.create(id="u-jwt-rpm", email="u-jwt-rpm@example.com", rpm=2)
         responses = await post_many(url, 4, token)
     assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
+
+
+async def test_the_script_client_selects_the_database_and_config_refuses_other_schemes(redis_prefix: str) -> None:
+    from llmgateway.core.app import build_gateway
+    from llmgateway.core.config import parse_config
+    from llmgateway.core.errors import ConfigError
+    from llmgateway.plugins.security.redis_util import ReplyError, ScriptClient
+
+    client = ScriptClient("redis://127.0.0.1:6379/3", timeout=2)
+    try:
+        await client.call("SET", f"{redis_prefix}db", "three")
+        assert await client.call("GET", f"{redis_prefix}db") == b"three"
+        with pytest.raises(ReplyError):
+            await client.call("NOSUCHCOMMAND")
+        assert await client.call("PING") == "PONG"  # an error reply leaves the connection usable
+        await client.call("DEL", f"{redis_prefix}db")
+    finally:
+        await client.aclose()
+    with pytest.raises(ConfigError) as info:
+        build_gateway(parse_config(config('[ratelimit]\nbackend = "redis"\nredis_url = "http://127.0.0.1:6379"\n')))
+    assert info.value.key == "ratelimit.redis_url"

@@ -42,7 +42,7 @@ from llmgateway.core.provider import estimate_prompt_tokens
 from llmgateway.core.types import Deployment, ModelGroup, RequestContext
 
 from .limits import IdentityLimits, Limits, LimitsResolver, orm_ready
-from .redis_util import make_redis, redis_errors
+from .redis_util import Script, ScriptClient, redis_errors
 
 if TYPE_CHECKING:
     from llmgateway.core.app import Gateway
@@ -206,12 +206,12 @@ return 1
 
 
 class RedisBudgets:
-    def __init__(self, client: Any, prefix: str) -> None:
+    def __init__(self, client: ScriptClient, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
-        self._reserve = client.register_script(RESERVE_LUA)
-        self._settle = client.register_script(SETTLE_LUA)
-        self._seed = client.register_script(SEED_LUA)
+        self._reserve = Script(client, RESERVE_LUA)
+        self._settle = Script(client, SETTLE_LUA)
+        self._seed = Script(client, SEED_LUA)
 
     def _keys(self, budget: Budget) -> list[str]:
         base = f"{self.prefix}budget:{budget.name}"
@@ -269,7 +269,6 @@ class BudgetsPlugin:
         self.redis_url: str | None = None
         self.key_prefix = "llmgateway:"
         self.redis_timeout = 1.0
-        self.redis_max_connections = 256
         self.on_redis_error = "refuse"
         self.redis_retry_interval = 5.0
         self.default_max_output_tokens = 4096
@@ -298,9 +297,13 @@ class BudgetsPlugin:
         self.redis_url = section.opt_string("redis_url")
         if self.backend_name == "redis" and not self.redis_url:
             raise section.error("redis_url", 'is required when backend = "redis"')
+        if self.redis_url:
+            try:
+                ScriptClient(self.redis_url, timeout=1.0)
+            except ValueError as exc:
+                raise section.error("redis_url", str(exc)) from None
         self.key_prefix = section.string("key_prefix", "llmgateway:")
         self.redis_timeout = section.number("redis_timeout", 1.0, minimum=0.001)
-        self.redis_max_connections = section.integer("redis_max_connections", 256, minimum=1)
         self.on_redis_error = section.choice("on_redis_error", ("refuse", "local", "allow"), "refuse")
         self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
         self.default_max_output_tokens = section.integer("default_max_output_tokens", 4096, minimum=1)
@@ -317,15 +320,13 @@ class BudgetsPlugin:
         gateway.state["budgets.stats"] = self.stats
         self._models = gateway.models
         if self.backend_name == "redis" and self.redis_url:
-            self._client = make_redis(
-                self.redis_url, timeout=self.redis_timeout, max_connections=self.redis_max_connections
-            )
+            self._client = ScriptClient(self.redis_url, timeout=self.redis_timeout)
             self.redis = RedisBudgets(self._client, self.key_prefix)
 
     @hookimpl
     async def llmgateway_shutdown(self, gateway: Gateway) -> None:
         if self._client is not None:
-            await self._client.aclose(close_connection_pool=True)
+            await self._client.aclose()
             self._client = None
             self.redis = None
 

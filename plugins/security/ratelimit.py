@@ -41,7 +41,7 @@ from llmgateway.core.provider import estimate_prompt_tokens
 from llmgateway.core.types import RequestContext
 
 from .limits import IdentityLimits, Limits, LimitsResolver
-from .redis_util import make_redis, redis_errors
+from .redis_util import Script, ScriptClient, redis_errors
 
 if TYPE_CHECKING:
     from llmgateway.core.app import Gateway
@@ -361,43 +361,6 @@ return 1
 )
 
 
-class LuaScript:
-    """A script called by its SHA on a pooled connection (EVAL once when Redis does not know it).
-
-    The connection is used directly (``send_command`` / ``read_response``): the generic command path
-    of redis-py costs more than the script itself on this hot path. A connection that failed is
-    disconnected before it goes back to the pool.
-    """
-
-    def __init__(self, client: Any, source: str) -> None:
-        import hashlib
-
-        from redis.exceptions import NoScriptError, ResponseError
-
-        self.pool = client.connection_pool
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the script's name in Redis
-        self._missing = NoScriptError
-        self._answered = ResponseError
-
-    async def __call__(self, *args: Any) -> Any:
-        conn = await self.pool.get_connection()
-        try:
-            try:
-                await conn.send_command("EVALSHA", self.sha, 0, *args)
-                return await conn.read_response()
-            except self._missing:
-                await conn.send_command("EVAL", self.source, 0, *args)
-                return await conn.read_response()
-        except self._answered:
-            raise
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await self.pool.release(conn)
-
-
 def _pack(values: list[Any]) -> str:
     return "".join(f"{str(v).replace(SEP, '?')}{SEP}" for v in values)
 
@@ -407,14 +370,17 @@ class RedisBackend:
     sent in batches by a background task (one script call for everything finished meanwhile), off
     the request path: a slot is free again a round trip after its request ended."""
 
-    def __init__(self, client: Any, prefix: str, on_error: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self, client: ScriptClient, prefix: str, on_error: Callable[[BaseException], None] | None = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
-        self._admit = LuaScript(client, ADMIT_LUA)
-        self._finish = LuaScript(client, FINISH_LUA)
+        self._admit = Script(client, ADMIT_LUA)
+        self._finish = Script(client, FINISH_LUA)
         self._queue: list[Any] = []
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
         self._on_error = on_error
 
     def keys(self, scope: Scope) -> list[str]:
@@ -426,7 +392,7 @@ class RedisBackend:
         for scope in scopes:
             rule = scope.rule
             values += [scope.name, _arg(rule.rpm), _arg(rule.tpm), _arg(rule.max_parallel), scope.tokens]
-        result = await self._admit(self.prefix, member, WINDOW_MS, lease_ms, _pack(values))
+        result = await self._admit([], [self.prefix, member, WINDOW_MS, lease_ms, _pack(values)])
         if int(result[0]) == 0:
             what = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
             return Verdict(False, scopes[int(result[1]) - 1].name, what, int(result[3]), int(result[4]))
@@ -440,7 +406,7 @@ class RedisBackend:
             release = 1 if scope.rule.max_parallel is not None else 0
             if adjust != NONE or release:
                 self._queue += [member, scope.name, adjust, release]
-        if self._flusher is None:
+        if self._flusher is None and not self._closing:
             self._flusher = asyncio.create_task(self._flush_forever(), name="ratelimit-finish")
         self._wake.set()
 
@@ -455,32 +421,39 @@ class RedisBackend:
         step = 4 * 500
         for start in range(0, len(batch), step):
             try:
-                await self._finish(self.prefix, _pack(batch[start : start + step]))
+                await self._finish([], [self.prefix, _pack(batch[start : start + step])])
             except BaseException:
                 self._queue = (batch[start:] + self._queue)[-4 * MAX_QUEUED :]
                 raise
 
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self.flush()
             except Exception as exc:  # kept for the next try; leases expire anyway should Redis stay away
+                task = asyncio.current_task()
+                if self._closing or (task is not None and task.cancelling()):
+                    return  # redis-py may turn a cancellation into a connection error
                 if self._on_error is not None:
                     self._on_error(exc)
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
     async def aclose(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        """Stop the background task, then send what is still queued (for two seconds at most)."""
+        timeout = 2.0
+        self._closing = True
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            self._wake.set()
+            flusher.cancel()
+            await asyncio.wait({flusher}, timeout=timeout)
         if self._queue:
             with contextlib.suppress(Exception):
-                await self.flush()
+                async with asyncio.timeout(timeout):
+                    await self.flush()
 
 
 def _arg(value: int | None) -> int:
@@ -506,7 +479,6 @@ class RateLimitPlugin:
         self.redis_url: str | None = None
         self.key_prefix = "llmgateway:"
         self.redis_timeout = 0.5
-        self.redis_max_connections = 256
         self.on_redis_error = "local"
         self.redis_retry_interval = 5.0
         self.lease_ms = 0
@@ -527,9 +499,13 @@ class RateLimitPlugin:
         self.redis_url = section.opt_string("redis_url")
         if self.backend_name == "redis" and not self.redis_url:
             raise section.error("redis_url", 'is required when backend = "redis"')
+        if self.redis_url:
+            try:
+                ScriptClient(self.redis_url, timeout=1.0)
+            except ValueError as exc:
+                raise section.error("redis_url", str(exc)) from None
         self.key_prefix = section.string("key_prefix", "llmgateway:")
         self.redis_timeout = section.number("redis_timeout", 0.5, minimum=0.001)
-        self.redis_max_connections = section.integer("redis_max_connections", 256, minimum=1)
         self.on_redis_error = section.choice("on_redis_error", ("local", "allow"), "local")
         self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
         lease = section.opt_number("lease_seconds", minimum=1)
@@ -555,9 +531,7 @@ class RateLimitPlugin:
     async def llmgateway_startup(self, gateway: Gateway) -> None:
         gateway.state["ratelimit.stats"] = self.stats
         if self.backend_name == "redis" and self.redis_url:
-            self._client = make_redis(
-                self.redis_url, timeout=self.redis_timeout, max_connections=self.redis_max_connections
-            )
+            self._client = ScriptClient(self.redis_url, timeout=self.redis_timeout)
             self.redis = RedisBackend(self._client, self.key_prefix, on_error=self._redis_failed)
 
     @hookimpl
@@ -565,7 +539,7 @@ class RateLimitPlugin:
         if self.redis is not None:
             await self.redis.aclose()
         if self._client is not None:
-            await self._client.aclose(close_connection_pool=True)
+            await self._client.aclose()
             self._client = None
             self.redis = None
 

@@ -1,24 +1,43 @@
-"""A Redis client that fails fast: short connect/read timeouts, no retries, a bounded pool.
+"""Redis for the request path: a small pipelined client that fails fast, and redis-py for the rest.
 
-Callers catch every exception (:data:`REDIS_ERRORS`) and fall back; Redis trouble must never turn
-into a 5xx or a hung request.
+Rate limits and budgets call one Lua script per request, on the request path. redis-py's asyncio
+client spends about 60 µs of Python per call (pool, retries, timeouts, response callbacks) — more than
+Redis spends running the script — so those calls go through :class:`ScriptClient`: one connection,
+commands pipelined in order, RESP2 replies matched first-in first-out, a timeout per call (a late
+reply poisons the connection: it is closed and every waiting call fails), reconnection on the next
+call. Anything else (pub/sub, tools) uses redis-py through :func:`make_redis`.
+
+Every failure is raised as something in :func:`redis_errors` — callers catch exactly that and fall
+back; Redis trouble must never become a 5xx or a hung request.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import hashlib
+import socket
+import ssl
+from collections import deque
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 
 
-def redis_errors() -> tuple[type[BaseException], ...]:
-    import redis.exceptions
+class ReplyError(Exception):
+    """Redis answered with an error (a script error, NOSCRIPT, a wrong password...)."""
 
-    return (*REDIS_ERRORS, redis.exceptions.RedisError)
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - the redis extra is not installed
+        return (*REDIS_ERRORS, ReplyError)
+    return (*REDIS_ERRORS, ReplyError, redis.exceptions.RedisError)
 
 
 def make_redis(url: str, *, timeout: float, max_connections: int = 256) -> Any:
-    """An asyncio Redis client for ``url`` (raises ImportError without the ``redis`` extra)."""
+    """A redis-py asyncio client for ``url`` with short timeouts and no retries (pub/sub, tools)."""
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -32,3 +51,201 @@ def make_redis(url: str, *, timeout: float, max_connections: int = 256) -> Any:
         retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+
+
+# ---- RESP2 ------------------------------------------------------------------------------------
+
+_INCOMPLETE = object()
+
+
+def encode_command(args: tuple[Any, ...]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            data = str(arg).encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def parse_reply(buf: bytearray, pos: int) -> tuple[Any, int]:
+    """One reply starting at ``pos``: (value, position after it), or (_INCOMPLETE, pos)."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return _INCOMPLETE, pos
+    kind = buf[pos]
+    line = bytes(buf[pos + 1 : end])
+    after = end + 2
+    if kind == 0x2B:  # +simple string
+        return line.decode(), after
+    if kind == 0x2D:  # -error
+        return ReplyError(line.decode(errors="replace")), after
+    if kind == 0x3A:  # :integer
+        return int(line), after
+    if kind == 0x24:  # $bulk string
+        size = int(line)
+        if size < 0:
+            return None, after
+        if len(buf) < after + size + 2:
+            return _INCOMPLETE, pos
+        return bytes(buf[after : after + size]), after + size + 2
+    if kind == 0x2A:  # *array
+        count = int(line)
+        if count < 0:
+            return None, after
+        items = []
+        for _ in range(count):
+            item, after = parse_reply(buf, after)
+            if item is _INCOMPLETE:
+                return _INCOMPLETE, pos
+            items.append(item)
+        return items, after
+    raise ConnectionError(f"unexpected byte {kind!r} in a Redis reply")
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiting: deque[tuple[asyncio.Future[Any], asyncio.TimerHandle]] = deque()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        pos = 0
+        try:
+            while self.waiting:
+                value, after = parse_reply(buf, pos)
+                if value is _INCOMPLETE:
+                    break
+                pos = after
+                future, timer = self.waiting.popleft()
+                timer.cancel()
+                if not future.done():
+                    if isinstance(value, ReplyError):
+                        future.set_exception(value)
+                    else:
+                        future.set_result(value)
+        except (ValueError, ConnectionError) as exc:
+            self.fail(ConnectionError(f"unreadable Redis reply: {exc}"))
+            return
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionError("the connection to Redis was lost"))
+
+    def fail(self, error: BaseException) -> None:
+        self.closed = True
+        while self.waiting:
+            future, timer = self.waiting.popleft()
+            timer.cancel()
+            if not future.done():
+                future.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def send(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the connection to Redis is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        timer = loop.call_later(self.timeout, self._late)
+        self.waiting.append((future, timer))
+        self.transport.write(encode_command(args))
+        return future
+
+    def _late(self) -> None:
+        # replies come in order: once one is late the connection cannot be trusted any more
+        self.fail(TimeoutError(f"Redis did not answer within {self.timeout}s"))
+
+
+class ScriptClient:
+    """Lua scripts over one pipelined connection (``redis://[user:password@]host:port/db``, ``rediss://``)."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (redis:// or rediss://)")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        path = parts.path.strip("/")
+        self.db = int(path) if path else 0
+        self.tls = parts.scheme == "rediss"
+        self.timeout = timeout
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._known: set[str] = set()
+
+    async def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                return conn
+            loop = asyncio.get_running_loop()
+            context = ssl.create_default_context() if self.tls else None
+            async with asyncio.timeout(self.timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.timeout), self.host, self.port, ssl=context
+                )
+            try:
+                if self.password is not None:
+                    auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+                    await conn.send(auth)
+                if self.db:
+                    await conn.send(("SELECT", self.db))
+            except BaseException:
+                conn.fail(ConnectionError("could not set up the Redis connection"))
+                raise
+            self._conn = conn
+            return conn
+
+    async def call(self, *args: Any) -> Any:
+        conn = await self._connection()
+        return await conn.send(args)
+
+    async def script(self, source: str, sha: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, or EVAL the first time Redis does not know the script."""
+        try:
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            return await self.call("EVAL", source, len(keys), *keys, *args)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail(ConnectionError("the client was closed"))
+
+
+class Script:
+    """A Lua script bound to a :class:`ScriptClient`."""
+
+    def __init__(self, client: ScriptClient, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the script's name in Redis
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        return await self.client.script(self.source, self.sha, keys, args)
