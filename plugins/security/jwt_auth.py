@@ -114,6 +114,11 @@ class JwtPlugin:
         self.enabled = bool(section.data)
         if not self.enabled:
             return
+        try:
+            import cryptography  # noqa: F401
+            import jwt  # noqa: F401
+        except ImportError:
+            raise ConfigError("needs PyJWT and cryptography: pip install 'llmgateway[jwt]'", key=section.key) from None
         secret = section.opt_string("secret")
         if secret is not None and len(secret.encode()) < 32:
             raise section.error("secret", "must be at least 32 bytes long")
