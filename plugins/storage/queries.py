@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from .database import Database
 from .retention import ROLLUP_SETS
-from .sql import at_hour, fetch, number, placeholders, timestamp
+from .sql import at_hour, epoch_hours, fetch, number, placeholders, timestamp
 
 UTC = dt.UTC
 Bucket = Literal["hour", "day"]
@@ -199,55 +199,45 @@ async def _collect(
         # rollups of a finer bucket (hours summed into days) or no time at all: one query per bucket,
         # grouped by the dimension only, so the database adds the hours up
         whole = (not by_time) or (source == "hour" and step > 1)
-        time_sql = "NULL" if whole else "bucket_start"
+        time_sql = "NULL" if whole else epoch_hours(db, "bucket_start")
         text = (
             f"SELECT {time_sql} AS h, {group_sql} AS g, {_ROLLUP_SUMS} FROM usage_rollups "  # noqa: S608
             f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where}"
-            f"{_group_by(None if whole else time_sql, column)}"
+            f"{_group_by(None if whole else 'bucket_start', column)}"
         )
         spans = [(lo, hi)] if not (whole and by_time) else [(h, min(h + step, hi)) for h in range(lo, hi, step)]
         for a, b in spans:
             values = [source, dims, timestamp(db, at_hour(a)), timestamp(db, at_hour(b)), *params]
             queries_.append((text, values, (a - a % step) if whole and by_time else (0 if whole else None)))
+    get = out.get
     for text, values, fixed in queries_:
         with db.activate():
             _, rows = await db.connection.execute_query(placeholders(db, text), values)
         for row in rows:
-            h, g, *sums = tuple(row)
             if fixed is not None:
                 hour = fixed
-            elif isinstance(h, int):
-                hour = h
             else:
-                moment = dt.datetime.fromisoformat(h) if isinstance(h, str) else h
-                hour = int(moment.timestamp() // 3600)
-            key = (hour - hour % step, g is not None, "" if g is None else str(g))
-            agg = out.get(key)
+                hour = row[0]
+                if not isinstance(hour, int):  # SQLite may hand back a float or text
+                    hour = int(hour)
+            g = row[1]
+            key = (hour - hour % step, g is not None, "" if g is None else g)
+            agg = get(key)
             if agg is None:
-                out[key] = sums
+                out[key] = list(row[2:])
             else:
-                for i, v in enumerate(sums):
-                    agg[i] += v
+                for i in range(8):
+                    agg[i] += row[i + 2]
     return out
 
 
-def _point(key: tuple[int, bool, str], sums: list[float], starts: dict[int, dt.datetime]) -> UsagePoint:
+def _point(key: tuple[int, bool, str], sums: list[Any], starts: dict[int, dt.datetime]) -> UsagePoint:
+    """The sums are already integers and floats (cast in SQL)."""
     hour = key[0]
     start = starts.get(hour)
     if start is None:
         start = starts[hour] = at_hour(hour)
-    return UsagePoint(
-        start,
-        key[2] if key[1] else None,
-        int(sums[0]),
-        int(sums[1]),
-        int(sums[2]),
-        int(sums[3]),
-        int(sums[4]),
-        int(sums[5]),
-        sums[6],
-        sums[7],
-    )
+    return UsagePoint(start, key[2] if key[1] else None, *sums)
 
 
 async def usage(

@@ -39,6 +39,13 @@ async def execute(db: Database, text: str, params: list[Any] | None = None) -> i
     return int(count or 0)
 
 
+def epoch_hours(db: Database, column: str) -> str:
+    """SQL for a timestamp column as whole hours since 1970 (an integer: cheaper to decode)."""
+    if db.dialect == "postgres":
+        return f"CAST(EXTRACT(EPOCH FROM {column}) AS BIGINT) / 3600"
+    return f"CAST(strftime('%s', {column}) AS INTEGER) / 3600"
+
+
 def hour_of(moment: dt.datetime) -> int:
     """Whole hours since 1970 (UTC) — the value of ``usage_records.hour``."""
     return int(moment.timestamp() // 3600)
