@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import report
 from .runner import Runner, Settings, machine_info
-from .scenarios import FEATURES, Chain, Env, detect_full_chain, parse_features
+from .scenarios import FEATURES, Chain, Env, detect_full_chain, parse_features, variant_features
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{f.name} ({'|'.join(f.values)})" for f in FEATURES.values()),
     )
     run.add_argument("--extra-toml", type=Path, help="a TOML file appended to the generated gateway.toml")
+    run.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="an extra llmgateway row: 'core' (no features) or features changed from the main chain, "
+        "e.g. 'database=postgres' or 'ratelimit=memory,-keys' (repeatable)",
+    )
     run.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="also run a soak for RSS growth")
     run.add_argument("--profile", action="store_true", help="py-spy record the gateway under load")
     run.add_argument("--out", type=Path, default=HERE / "results", help="where latest.{md,json,png} go")
@@ -94,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         detected, skipped = detect_full_chain(probe_env, workdir)
         features = detected | features
         skipped = {k: v for k, v in skipped.items() if k not in features}
-    settings.chain = Chain(features, args.extra_toml.read_text() if args.extra_toml else "")
+    extra = args.extra_toml.read_text() if args.extra_toml else ""
+    settings.chain = Chain(features, extra)
     settings.skipped_features = skipped
+    for spec in args.variant:
+        settings.variants.append((spec, Chain(variant_features(features, spec), extra)))
     print(f"llmgateway chain: {settings.chain.label()}", flush=True)
     for name, why in skipped.items():
         print(f"  (not enabled: {name}: {why})", flush=True)

@@ -44,6 +44,7 @@ class Settings:
     profile: bool = False
     chain: Chain = field(default_factory=Chain)
     skipped_features: dict[str, str] = field(default_factory=dict)
+    variants: list[tuple[str, Chain]] = field(default_factory=list)  # extra llmgateway rows: (label, chain)
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -225,11 +226,18 @@ class Runner:
         return ("plain_c1", f"plain_c{self.s.concurrency}", "stream_c1", f"stream_c{self.s.stream_concurrency}")
 
     def run_llmgateway(
-        self, key: str, name: str, *, workers: int = 1, server: str = "hypercorn", phases: tuple[str, ...] | None = None
+        self,
+        key: str,
+        name: str,
+        *,
+        workers: int = 1,
+        server: str = "hypercorn",
+        phases: tuple[str, ...] | None = None,
+        chain: Chain | None = None,
     ) -> Target | None:
         try:
             target = start_llmgateway(
-                name, self.upstream_url, self.workdir, self.s.chain, workers=workers, server=server
+                name, self.upstream_url, self.workdir, chain or self.s.chain, workers=workers, server=server
             )
         except (RuntimeError, TimeoutError) as exc:
             self.log(f"!! {name} did not start: {exc}")
@@ -280,6 +288,10 @@ class Runner:
                         server=server,
                         phases=(f"plain_c{self.s.concurrency}",),
                     )
+            for label, chain in self.s.variants:
+                self.run_llmgateway(
+                    f"llmgateway_variant_{label}", f"llmgateway (hypercorn, 1 worker, {label})", chain=chain
+                )
             if self.s.soak > 0:
                 self.results["soak"] = self.soak()
         finally:

@@ -162,9 +162,10 @@ class Chain:
     extra_toml: str = ""
 
     def label(self) -> str:
+        base = "plugin defaults + master key"
         if not self.features:
-            return "core chain (master key auth, router, accounting hooks)"
-        return "core chain + " + ", ".join(f"{k}={v}" if v != "on" else k for k, v in self.features.items())
+            return base
+        return base + " + " + ", ".join(f"{k}={v}" if v != "on" else k for k, v in self.features.items())
 
 
 def parse_features(specs: list[str]) -> dict[str, str]:
@@ -182,6 +183,22 @@ def parse_features(specs: list[str]) -> dict[str, str]:
         for needed in FEATURES[name].requires:
             chosen.setdefault(needed, FEATURES[needed].values[0])
     return chosen
+
+
+def variant_features(base: dict[str, str], spec: str) -> dict[str, str]:
+    """``core`` → no features; else comma-separated ``NAME[=VALUE]`` (set) or ``-NAME`` (drop) on ``base``."""
+    if spec.strip() == "core":
+        return {}
+    features = dict(base)
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.startswith("-"):
+            features.pop(part[1:], None)
+            for name, feature in FEATURES.items():  # drop what needed it
+                if part[1:] in feature.requires:
+                    features.pop(name, None)
+        else:
+            features.update(parse_features([part]))
+    return features
 
 
 def gateway_toml(env: Env, chain: Chain) -> str:
