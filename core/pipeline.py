@@ -15,8 +15,7 @@ import asyncio
 import logging
 import random
 import time
-import types
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -335,7 +334,14 @@ class ProxyEndpoint:
         assert call is not None
         collect: list[bytes] | None = [] if ctx.state.get("cache.collect") else None
         await send({"type": "http.response.start", "status": 200, "headers": self.success_headers(ctx, sse=True)})
-        outcome = await _pump(frames, first, send, receive, collect, self.ingress, ctx)
+        try:
+            outcome = await _pump(frames, first, send, receive, collect, self.ingress, ctx)
+        except asyncio.CancelledError:
+            # the server gave up on this stream (shutdown past the drain deadline): still account for it
+            ctx.usage = call.usage or _estimated_after_cut(call)
+            finishing = self.finish(ctx, status=499, error_code="server_shutdown", streamed=True, call=call)
+            await asyncio.shield(finishing)
+            raise
         attempt = ctx.attempts[-1]
         attempt.finished = time.perf_counter()
         ctx.usage = call.usage or _estimated_after_cut(call)
@@ -514,10 +520,8 @@ async def _pump(
 
     async def forward() -> GatewayError | str:
         try:
-            async for chunk, last in _in_hand(out):
-                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                if last:
-                    return "done"
+            async for chunk in out:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except GatewayError as error:
             event = ingress.error_event(error) if ingress is not None else error.sse_event()
             await send({"type": "http.response.body", "body": event, "more_body": False})
@@ -538,82 +542,17 @@ async def _pump(
     try:
         await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # on a disconnect, or when this task itself is cancelled (shutdown past the drain deadline),
+        # stop forwarding and close the upstream before anything else happens
+        watcher.cancel()
         if not pump.done():
             pump.cancel()
-        watcher.cancel()
-    if pump.cancelled() or not pump.done():
-        try:
-            await pump
-        except asyncio.CancelledError:
-            pass
+            await asyncio.gather(pump, return_exceptions=True)
         await _close(out)
         await _close(frames)
+    if pump.cancelled():
         return "disconnected"
-    await _close(out)
-    await _close(frames)
     return pump.result()
-
-
-async def _in_hand(source: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bool]]:
-    """``(chunk, last)``: the frames of ``source``, those already in hand sent as one chunk.
-
-    Frames that arrive together from upstream (one read holding several events) are yielded without
-    any wait in between; joining them saves the server one write per frame. Nothing is held back: as
-    soon as the next frame would have to be waited for, what is in hand goes out, and the first frame
-    always goes out alone. ``last`` is True when the end of ``source`` was already known (the closing
-    message then carries the last frames).
-    """
-    batch: list[bytes] = []
-    alone = True  # the first frame goes out at once: time to first token before fewer writes
-    while True:
-        step: Any = source.__anext__()
-        try:
-            waiting_on = step.send(None)  # run it until it has to wait (or is done)
-        except StopIteration as done:
-            batch.append(done.value)
-            if alone:
-                alone = False
-                yield b"".join(batch), False
-                batch = []
-            continue
-        except StopAsyncIteration:
-            if batch:
-                yield b"".join(batch), True
-            return
-        except BaseException:
-            if batch:
-                yield b"".join(batch), False
-            raise
-        if batch:
-            try:
-                yield b"".join(batch), False
-            except BaseException:
-                step.close()
-                raise
-            batch = []
-        try:
-            frame = await _resume(step, waiting_on)
-        except StopAsyncIteration:
-            return
-        batch.append(frame)
-
-
-@types.coroutine
-def _resume(step: Any, waiting_on: Any) -> Generator[Any, Any, bytes]:
-    """Await the rest of a started ``__anext__()`` (what ``await`` would have done from the start)."""
-    try:
-        while True:
-            try:
-                value = yield waiting_on
-            except GeneratorExit:
-                step.close()
-                raise
-            except BaseException as exc:
-                waiting_on = step.throw(exc)
-            else:
-                waiting_on = step.send(value)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
 
 
 async def _prepend(first: bytes, frames: AsyncIterator[bytes], collect: list[bytes] | None) -> AsyncIterator[bytes]:
