@@ -158,12 +158,12 @@ class Provider:
 
 # ---- helpers shared by OpenAI-format providers -----------------------------------------------
 
-_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 
 
 def rewrite_model(frame: bytes, replacement: bytes) -> bytes:
     """Replace the first ``"model": "..."`` in a JSON frame without parsing it."""
-    return _MODEL_FIELD.sub(replacement, frame, count=1)
+    return MODEL_FIELD.sub(replacement, frame, count=1)
 
 
 def model_field(alias: str) -> bytes:

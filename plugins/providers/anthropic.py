@@ -164,6 +164,7 @@ class AnthropicProvider(Provider):
         )
         with map_upstream_errors(self.name, self.secrets):
             response = await self.http.send(request, stream=True)
+        translator: AnthropicToOpenAIStream | None = None
         try:
             call.response_headers = self.rate_limit_headers(response.headers)
             if response.status_code >= 400:
@@ -198,11 +199,12 @@ class AnthropicProvider(Provider):
                             for last in translator.finish():
                                 yield last
                             return
-            call.usage = translator.usage  # what was counted before the stream broke
             raise UpstreamProtocolError(
                 f"Provider '{self.name}' ended the stream before message_stop", provider=self.name
             )
         finally:
+            if call.usage is None and translator is not None:
+                call.usage = translator.usage  # what was counted before the stream broke or the client left
             await response.aclose()
 
     # ---- token counting ----------------------------------------------------------------------

@@ -136,38 +136,41 @@ class AzureOpenAIProvider(OpenAIProvider):
         decoder = SSEDecoder()
         replacement = model_field(call.alias)
         state = _StreamState()
-        with map_upstream_errors(self.name, self.secrets):
-            async for chunk in response.aiter_raw():
-                for block in decoder.feed(chunk):
-                    _, data = parse_event(block)
-                    if not data:
-                        continue
-                    if data == b"[DONE]":
-                        for out in self._finish(call, state):
-                            yield out
-                        return
-                    if data.startswith(b'{"error"'):
-                        raise self._stream_error(data)
-                    if (
-                        state.prompt_filters is not None
-                        or _USAGE.search(data)
-                        or any(marker in data for marker in _AZURE_MARKERS)
-                    ):
-                        for out in self._annotated(orjson.loads(data), call, state):
-                            yield out
-                        continue
-                    if call.upstream_model is None or not state.id:
-                        self._remember(orjson.loads(data), call, state)
-                    for match in _TEXT.finditer(data):
-                        state.text += len(match.group(1))
-                    if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
-                        found = _FINISH.search(data)
-                        if found:
-                            state.finish = found.group(1).decode()
-                    yield b"data: " + rewrite_model(data, replacement) + b"\n\n"
-        raise UpstreamProtocolError(
-            f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
-        )
+        try:
+            with map_upstream_errors(self.name, self.secrets):
+                async for chunk in response.aiter_raw():
+                    for block in decoder.feed(chunk):
+                        _, data = parse_event(block)
+                        if not data:
+                            continue
+                        if data == b"[DONE]":
+                            for out in self._finish(call, state):
+                                yield out
+                            return
+                        if data.startswith(b'{"error"'):
+                            raise self._stream_error(data)
+                        if (
+                            state.prompt_filters is not None
+                            or _USAGE.search(data)
+                            or any(marker in data for marker in _AZURE_MARKERS)
+                        ):
+                            for out in self._annotated(orjson.loads(data), call, state):
+                                yield out
+                            continue
+                        if call.upstream_model is None or not state.id:
+                            self._remember(orjson.loads(data), call, state)
+                        for match in _TEXT.finditer(data):
+                            state.text += len(match.group(1))
+                        if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+                            found = _FINISH.search(data)
+                            if found:
+                                state.finish = found.group(1).decode()
+                        yield b"data: " + rewrite_model(data, replacement) + b"\n\n"
+            raise UpstreamProtocolError(
+                f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
+            )
+        finally:
+            self._finish_usage(call, state.text)  # a cut or abandoned stream still bills its text
 
     @staticmethod
     def _remember(parsed: dict[str, Any], call: UpstreamCall, state: _StreamState) -> None:

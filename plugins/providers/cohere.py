@@ -329,21 +329,29 @@ class CohereProvider(Provider):
         state = _Stream()
         decoder = SSEDecoder()
         call.upstream_model = call.deployment.model
-        with map_upstream_errors(self.name, self.secrets):
-            async for chunk in response.aiter_bytes():
-                for block in decoder.feed(chunk):
+        try:
+            with map_upstream_errors(self.name, self.secrets):
+                async for chunk in response.aiter_bytes():
+                    for block in decoder.feed(chunk):
+                        for frame in self._translate(block, state, call):
+                            yield frame
+                        if state.done:
+                            return
+                for block in decoder.close():
                     for frame in self._translate(block, state, call):
                         yield frame
                     if state.done:
                         return
-            for block in decoder.close():
-                for frame in self._translate(block, state, call):
-                    yield frame
-                if state.done:
-                    return
-        raise UpstreamProtocolError(
-            f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
-        )
+            raise UpstreamProtocolError(
+                f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
+            )
+        finally:  # a cut or abandoned stream still bills the text it carried
+            if call.usage is None:
+                call.usage = Usage(
+                    prompt_tokens=estimate_prompt_tokens(call.body),
+                    completion_tokens=estimate_tokens(state.chars),
+                    estimated=True,
+                )
 
     def _start(self, state: _Stream, call: UpstreamCall, upstream_id: Any) -> ChunkWriter:
         completion_id = "chatcmpl-" + str(upstream_id or call.ctx.request_id)

@@ -584,26 +584,26 @@ class GeminiProvider(Provider):
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
         state = _Stream()
         decoder = SSEDecoder()
-        with map_upstream_errors(self.name, self.secrets):
-            async for chunk in response.aiter_bytes():
-                for block in decoder.feed(chunk):
+        try:
+            with map_upstream_errors(self.name, self.secrets):
+                async for chunk in response.aiter_bytes():
+                    for block in decoder.feed(chunk):
+                        for frame in self._translate_block(block, state, call):
+                            yield frame
+                for block in decoder.close():
                     for frame in self._translate_block(block, state, call):
                         yield frame
-            for block in decoder.close():
-                for frame in self._translate_block(block, state, call):
-                    yield frame
-        if not state.complete:
-            raise UpstreamProtocolError(
-                f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
-            )
-        usage = usage_from(state.usage)
-        if usage is None:
-            usage = Usage(
+            if not state.complete:
+                raise UpstreamProtocolError(
+                    f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
+                )
+        finally:  # whatever ends the stream (a cut, a client disconnect), usage is known or estimated
+            call.usage = usage_from(state.usage) or Usage(
                 prompt_tokens=estimate_prompt_tokens(call.body),
                 completion_tokens=estimate_tokens(state.chars),
                 estimated=True,
             )
-        call.usage = usage
+        usage = call.usage
         call.finish_reason = state.finished.get(0) or ("content_filter" if state.blocked else None)
         if call.include_usage:
             yield self._writer(state, call, 0).usage(usage)

@@ -20,6 +20,7 @@ from llmgateway.core.errors import UpstreamProtocolError, error_from_upstream_st
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.http import open_stream, post_bytes
 from llmgateway.core.provider import (
+    MODEL_FIELD,
     Provider,
     UpstreamCall,
     estimate_prompt_tokens,
@@ -152,51 +153,72 @@ class OpenAIProvider(Provider):
             await response.aclose()
 
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+        """Forward the upstream's frames; the frames of one upstream read go out as one item.
+
+        Only the frame that carries usage is parsed. Whatever ends the stream (``[DONE]``, a cut, a
+        client disconnect closing this generator), ``call.usage`` is set: estimated from the text
+        seen so far when the upstream sent none.
+        """
         decoder = SSEDecoder()
         replacement = model_field(call.alias)
         include_usage = call.include_usage
+        model_bytes: bytes | None = None  # the upstream's exact `"model":"..."`, learned from the first frame
         text = 0
         finish: bytes | None = None
-        with map_upstream_errors(self.name, self.secrets):
-            async for chunk in response.aiter_raw():
-                for block in decoder.feed(chunk):
-                    if block.startswith(b"data: ") and b"\n" not in block:
-                        data = block[6:]
-                    else:
-                        _, data = parse_event(block)
-                        if not data:
-                            continue
-                    if data == b"[DONE]":
-                        self._finish_usage(call, text)
-                        if finish:
-                            call.finish_reason = finish.decode()
-                        yield DONE
-                        return
-                    if data.startswith(b'{"error"'):
-                        raise self._stream_error(data)
-                    if call.upstream_model is None:
-                        call.upstream_model = str(orjson.loads(data).get("model") or "")
-                    if _USAGE.search(data):
-                        parsed = orjson.loads(data)
-                        call.usage = Usage.from_openai(parsed.get("usage"))
-                        if not include_usage:
-                            if not parsed.get("choices"):
+        try:
+            with map_upstream_errors(self.name, self.secrets):
+                async for chunk in response.aiter_raw():
+                    out: list[bytes] = []
+                    for block in decoder.feed(chunk):
+                        if block.startswith(b"data: ") and b"\n" not in block:
+                            data = block[6:]
+                        else:
+                            _, data = parse_event(block)
+                            if not data:
                                 continue
-                            parsed.pop("usage", None)
-                            parsed["model"] = call.alias
-                            yield b"data: " + orjson.dumps(parsed) + b"\n\n"
-                            continue
-                    else:
-                        for match in _TEXT.finditer(data):
-                            text += len(match.group(1))
-                        if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
-                            found = _FINISH.search(data)
-                            if found:
-                                finish = found.group(1)
-                    yield b"data: " + rewrite_model(data, replacement) + b"\n\n"
-        raise UpstreamProtocolError(
-            f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
-        )
+                        if data == b"[DONE]":
+                            if finish:
+                                call.finish_reason = finish.decode()
+                            out.append(DONE)
+                            yield b"".join(out)
+                            return
+                        if data.startswith(b'{"error"'):
+                            if out:
+                                yield b"".join(out)
+                            raise self._stream_error(data)
+                        if model_bytes is None:
+                            call.upstream_model = str(orjson.loads(data).get("model") or "")
+                            found_model = MODEL_FIELD.search(data)
+                            model_bytes = found_model.group(0) if found_model else b""
+                        if _USAGE.search(data):
+                            parsed = orjson.loads(data)
+                            call.usage = Usage.from_openai(parsed.get("usage"))
+                            if not include_usage:
+                                if not parsed.get("choices"):
+                                    continue
+                                parsed.pop("usage", None)
+                                parsed["model"] = call.alias
+                                out.append(b"data: " + orjson.dumps(parsed) + b"\n\n")
+                                continue
+                        else:
+                            for match in _TEXT.finditer(data):
+                                text += len(match.group(1))
+                            if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+                                found = _FINISH.search(data)
+                                if found:
+                                    finish = found.group(1)
+                        if model_bytes and model_bytes in data:
+                            data = data.replace(model_bytes, replacement, 1)
+                        else:
+                            data = rewrite_model(data, replacement)
+                        out.append(b"data: " + data + b"\n\n")
+                    if out:
+                        yield b"".join(out)
+            raise UpstreamProtocolError(
+                f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
+            )
+        finally:
+            self._finish_usage(call, text)
 
     def _finish_usage(self, call: UpstreamCall, text: int) -> None:
         if call.usage is None:
