@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
@@ -108,6 +109,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             return await session.request(
                 method, url, headers=headers, data=body or None, allow_redirects=False, timeout=limits, compress=None
             )
+        except aiohttp.SocketTimeoutError:  # connected, but the answer's headers did not come in time
+            raise httpx.ReadTimeout("timed out waiting for the upstream's answer", request=request) from None
         except TimeoutError:
             raise httpx.ConnectTimeout("timed out connecting to the upstream", request=request) from None
         except aiohttp.ClientConnectorError as exc:
@@ -145,7 +148,16 @@ class GatewayClient(httpx.AsyncClient):
     """The ``httpx.AsyncClient`` providers get; :func:`post_bytes` has a short path through it."""
 
     def __init__(self, *, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
-        super().__init__(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False)
+        super().__init__(
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            # one client serves every tenant: it must never keep state between requests
+            cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
+            # streamed bodies are read raw (frame by frame): ask upstreams not to compress them
+            headers={"accept-encoding": "identity"},
+        )
         self.aiohttp_transport = transport if isinstance(transport, AiohttpTransport) else None
         self._netlocs: dict[str, str] = {}
         self._aiohttp_timeout: tuple[httpx.Timeout, aiohttp.ClientTimeout] | None = None
@@ -175,7 +187,6 @@ def _direct(client: httpx.AsyncClient, params: Mapping[str, str] | None) -> Aioh
         and client.aiohttp_transport is not None
         and not params
         and not client.is_closed
-        and not client.cookies
         and client.auth is None
         and not client.event_hooks["request"]
         and not client.event_hooks["response"]
@@ -197,9 +208,6 @@ def _wire_headers(client: GatewayClient, url: str, headers: Mapping[str, str]) -
 def _finish(
     client: GatewayClient, response: httpx.Response, url: str, content: bytes, headers: Mapping[str, str]
 ) -> httpx.Response:
-    if "set-cookie" in response.headers:  # httpx keeps cookies in the client: so do we
-        response.request = client.build_request("POST", url, content=content, headers=headers)
-        client.cookies.extract_cookies(response)
     if _httpx_log.isEnabledFor(logging.INFO):
         _httpx_log.info('HTTP Request: POST %s "HTTP/1.1 %d %s"', url, response.status_code, response.reason_phrase)
     return response

@@ -243,3 +243,21 @@ async def test_upstream_timeout_is_a_504(upstream: Upstream, serve_gateway: Gate
                 await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert caught.value.status_code == 504
     assert caught.value.response.json()["error"]["type"] == "timeout"
+
+
+async def test_upstream_client_keeps_no_state_between_tenants(
+    upstream: Upstream, serve_gateway: GatewayFactory
+) -> None:
+    """A cookie set on one tenant's answer must never ride along on another tenant's request, and
+    streams are asked for uncompressed (they are read frame by frame)."""
+    fake, url = upstream
+    async with serve_gateway(upstream_toml(url, models(("c", ["set-cookie"]), ("m", ["gpt-ok"])))) as gw:
+        async with sdk(gw) as client:
+            await client.chat.completions.create(model="c", messages=[{"role": "user", "content": "tenant A"}])
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "tenant B"}])
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "tenant B"}], stream=True
+            )
+            [chunk async for chunk in stream]
+    assert [r.headers.get("cookie") for r in fake.requests] == [None, None, None]
+    assert fake.requests[-1].headers["accept-encoding"] == "identity"

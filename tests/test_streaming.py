@@ -61,6 +61,7 @@ async def test_client_disconnect_cancels_upstream_and_is_accounted(
     assert record.client_disconnected
     assert record.status == 499
     assert record.usage.estimated  # the upstream never sent its usage: it is estimated, not $0
+    assert record.usage.completion_tokens > 0  # the text that reached the client is billed
 
 
 @pytest.mark.parametrize("upstream_model", ["cut", "mid-error"])
@@ -87,6 +88,8 @@ async def test_failure_after_first_byte_ends_with_one_error_event(
     # no fallback after the first byte: the second deployment was never tried
     assert recorder.records[0].attempts == 1
     assert recorder.records[0].status == 502
+    # what was streamed before the failure is still billed
+    assert recorder.records[0].usage.completion_tokens > 0
 
 
 async def test_fallback_before_first_byte(upstream: Upstream, serve_gateway: GatewayFactory) -> None:

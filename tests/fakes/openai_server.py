@@ -10,6 +10,7 @@ status codes and headers), scripted per upstream model name so tests can pick a 
 * ``mid-error``: a stream that sends an error event after two chunks.
 * ``slow-<ms>``: waits <ms> milliseconds before answering; streams wait that long between chunks.
 * ``leak``: a 500 whose body echoes the Authorization header it received (a careless upstream).
+* ``set-cookie``: a normal answer that also sets a cookie (as Cloudflare in front of an API does).
 * ``gated``: a stream that sends two chunks, then waits until the test sets ``FakeOpenAI.gate``.
 
 Every request is recorded in ``FakeOpenAI.requests`` (path, headers, body) for assertions.
@@ -104,7 +105,8 @@ class FakeOpenAI(FakeServer):
             await self._stream(send, receive, path, body, model, delay)
             return
         await asyncio.sleep(delay)
-        await send_json(send, 200, self._completion(path, body, model))
+        cookie = [(b"set-cookie", b"__cf_bm=tenant-a-session; path=/; HttpOnly")] if model == "set-cookie" else None
+        await send_json(send, 200, self._completion(path, body, model), cookie)
 
     # ---- bodies ------------------------------------------------------------------------------
 
