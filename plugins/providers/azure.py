@@ -47,14 +47,12 @@ from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.provider import (
     Provider,
     UpstreamCall,
-    estimate_prompt_tokens,
-    estimate_tokens,
     model_field,
     rewrite_model,
 )
-from llmgateway.core.sse import DONE, SSEDecoder, frame, parse_event
+from llmgateway.core.sse import SSEDecoder, frame, parse_event
 from llmgateway.core.types import Usage
-from llmgateway.plugins.providers.openai import OpenAIProvider
+from llmgateway.plugins.providers.openai import OpenAIProvider, StreamState
 
 #: the newest generally available data-plane API version when this was written
 DEFAULT_API_VERSION = "2024-10-21"
@@ -67,14 +65,8 @@ _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 
 
 @dataclass(slots=True)
-class _StreamState:
-    text: int = 0
-    finish: str | None = None
-    usage_sent: bool = False
+class _StreamState(StreamState):
     prompt_filters: Any = None
-    id: str = ""
-    created: int = 0
-    object: str = "chat.completion.chunk"
 
 
 class AzureOpenAIProvider(OpenAIProvider):
@@ -218,34 +210,6 @@ class AzureOpenAIProvider(OpenAIProvider):
             call.usage = Usage.from_openai(usage)
             if call.include_usage:
                 out.append(self._usage_frame(call, state, usage))
-        return out
-
-    def _usage_frame(self, call: UpstreamCall, state: _StreamState, usage: dict[str, Any]) -> bytes:
-        state.usage_sent = True
-        return frame(
-            {
-                "id": state.id,
-                "object": state.object,
-                "created": state.created,
-                "model": call.alias,
-                "choices": [],
-                "usage": usage,
-            }
-        )
-
-    def _finish(self, call: UpstreamCall, state: _StreamState) -> list[bytes]:
-        out: list[bytes] = []
-        if state.finish:
-            call.finish_reason = state.finish
-        if call.usage is None:
-            call.usage = Usage(
-                prompt_tokens=estimate_prompt_tokens(call.body),
-                completion_tokens=estimate_tokens(state.text),
-                estimated=True,
-            )
-            if call.include_usage and not state.usage_sent:
-                out.append(self._usage_frame(call, state, call.usage.as_openai()))
-        out.append(DONE)
         return out
 
 

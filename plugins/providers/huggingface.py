@@ -67,10 +67,9 @@ from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.provider import (
     Provider,
     UpstreamCall,
-    estimate_prompt_tokens,
     estimate_tokens,
 )
-from llmgateway.core.sse import DONE, SSEDecoder, frame, parse_event
+from llmgateway.core.sse import SSEDecoder, frame, parse_event
 from llmgateway.core.types import Usage
 from llmgateway.plugins.providers._openai_format import (
     embedding_inputs,
@@ -78,7 +77,7 @@ from llmgateway.plugins.providers._openai_format import (
     encode_embedding,
     new_tool_call_id,
 )
-from llmgateway.plugins.providers.openai import OpenAIProvider
+from llmgateway.plugins.providers.openai import OpenAIProvider, StreamState
 
 ROUTER_URL = "https://router.huggingface.co/v1"
 MODES = ("router", "tgi", "endpoint")
@@ -89,13 +88,8 @@ _TOKEN_LIMIT = re.compile(r"must be <= \d+|must have less than \d+ tokens|tokens
 
 
 @dataclass(slots=True)
-class _StreamState:
-    text: int = 0
-    finish: str | None = None
+class _StreamState(StreamState):
     tools: bool = False
-    usage_sent: bool = False
-    id: str = ""
-    created: int = 0
     tool_ids: dict[tuple[int, int], str] = field(default_factory=dict)
 
 
@@ -304,34 +298,6 @@ class HuggingFaceProvider(OpenAIProvider):
             call.usage = Usage.from_openai(usage)
             if call.include_usage:
                 out.append(self._usage_frame(call, state, call.usage.as_openai()))
-        return out
-
-    def _usage_frame(self, call: UpstreamCall, state: _StreamState, usage: dict[str, Any]) -> bytes:
-        state.usage_sent = True
-        return frame(
-            {
-                "id": state.id,
-                "object": "chat.completion.chunk",
-                "created": state.created,
-                "model": call.alias,
-                "choices": [],
-                "usage": usage,
-            }
-        )
-
-    def _finish(self, call: UpstreamCall, state: _StreamState) -> list[bytes]:
-        out: list[bytes] = []
-        if state.finish:
-            call.finish_reason = state.finish
-        if call.usage is None:
-            call.usage = Usage(
-                prompt_tokens=estimate_prompt_tokens(call.body),
-                completion_tokens=estimate_tokens(state.text),
-                estimated=True,
-            )
-            if call.include_usage and not state.usage_sent:
-                out.append(self._usage_frame(call, state, call.usage.as_openai()))
-        out.append(DONE)
         return out
 
     # ---- embeddings --------------------------------------------------------------------------

@@ -53,13 +53,11 @@ from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.provider import (
     Provider,
     UpstreamCall,
-    estimate_prompt_tokens,
-    estimate_tokens,
 )
-from llmgateway.core.sse import DONE, SSEDecoder, frame, parse_event
+from llmgateway.core.sse import SSEDecoder, frame, parse_event
 from llmgateway.core.types import Usage
 from llmgateway.plugins.providers._openai_format import encode_embedding
-from llmgateway.plugins.providers.openai import OpenAIProvider
+from llmgateway.plugins.providers.openai import OpenAIProvider, StreamState
 
 #: OpenAI request fields that only label the request for the caller's bookkeeping
 _BOOKKEEPING = ("user", "store", "safety_identifier")
@@ -112,12 +110,7 @@ def _tool_call(tool_call: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(slots=True)
-class _StreamState:
-    text: int = 0
-    finish: str | None = None
-    usage_sent: bool = False
-    id: str = ""
-    created: int = 0
+class _StreamState(StreamState):
     # per choice: tool call id -> OpenAI index, and upstream index -> OpenAI index
     tool_ids: dict[int, dict[str, int]] = field(default_factory=dict)
     tool_indexes: dict[int, dict[int, int]] = field(default_factory=dict)
@@ -348,34 +341,6 @@ class MistralProvider(OpenAIProvider):
                 index = indexes.get(upstream_index, upstream_index)
             tool_call["index"] = index
             out.append(_tool_call(tool_call))
-        return out
-
-    def _usage_frame(self, call: UpstreamCall, state: _StreamState, usage: dict[str, Any]) -> bytes:
-        state.usage_sent = True
-        return frame(
-            {
-                "id": state.id,
-                "object": "chat.completion.chunk",
-                "created": state.created,
-                "model": call.alias,
-                "choices": [],
-                "usage": usage,
-            }
-        )
-
-    def _finish(self, call: UpstreamCall, state: _StreamState) -> list[bytes]:
-        out: list[bytes] = []
-        if state.finish:
-            call.finish_reason = state.finish
-        if call.usage is None:
-            call.usage = Usage(
-                prompt_tokens=estimate_prompt_tokens(call.body),
-                completion_tokens=estimate_tokens(state.text),
-                estimated=True,
-            )
-            if call.include_usage and not state.usage_sent:
-                out.append(self._usage_frame(call, state, call.usage.as_openai()))
-        out.append(DONE)
         return out
 
     # ---- errors ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -28,12 +29,28 @@ from llmgateway.core.provider import (
     model_field,
     rewrite_model,
 )
-from llmgateway.core.sse import DONE, SSEDecoder, parse_event
+from llmgateway.core.sse import DONE, SSEDecoder, frame, parse_event
 from llmgateway.core.types import Usage
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What a relay that parses every chunk (Azure annotations, Mistral, TGI) keeps about one stream.
+
+    Subclasses add their own fields; :meth:`OpenAIProvider._usage_frame` and
+    :meth:`OpenAIProvider._finish` use these.
+    """
+
+    text: int = 0  # characters of text and tool arguments seen, for an estimate
+    finish: str | None = None
+    usage_sent: bool = False
+    id: str = ""
+    created: int = 0
+    object: str = "chat.completion.chunk"
 
 
 class OpenAIProvider(Provider):
@@ -219,6 +236,34 @@ class OpenAIProvider(Provider):
             )
         finally:
             self._finish_usage(call, text)
+
+    def _usage_frame(self, call: UpstreamCall, state: StreamState, usage: dict[str, Any]) -> bytes:
+        """The usage-only chunk (empty ``choices``) of a translated stream."""
+        state.usage_sent = True
+        return frame(
+            {
+                "id": state.id,
+                "object": state.object,
+                "created": state.created,
+                "model": call.alias,
+                "choices": [],
+                "usage": usage,
+            }
+        )
+
+    def _finish(self, call: UpstreamCall, state: StreamState) -> list[bytes]:
+        """The frames that end a translated stream: usage (estimated if upstream sent none and the
+        client asked for it), then ``[DONE]``."""
+        out: list[bytes] = []
+        if state.finish:
+            call.finish_reason = state.finish
+        if call.usage is None:
+            self._finish_usage(call, state.text)
+            assert call.usage is not None
+            if call.include_usage and not state.usage_sent:
+                out.append(self._usage_frame(call, state, call.usage.as_openai()))
+        out.append(DONE)
+        return out
 
     def _finish_usage(self, call: UpstreamCall, text: int) -> None:
         if call.usage is None:
