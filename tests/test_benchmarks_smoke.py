@@ -1,7 +1,6 @@
 """The benchmark command runs end to end (tiny settings, no LiteLLM), and the hot-path changes made
 from its profiles keep behaviour: ``core.http.post_bytes`` / ``open_stream`` act exactly like
-``client.post`` + ``aread`` / ``client.send(stream=True)``, and the pipeline joins only the stream
-frames already in hand (``_in_hand``), never waiting for more.
+``client.post`` + ``aread`` / ``client.send(stream=True)``.
 
 No timing is asserted here: speed is measured by ``python -m benchmarks run`` (benchmarks/README.md).
 """
@@ -13,7 +12,6 @@ import gzip
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,7 @@ import httpx
 import pytest
 
 from llmgateway.core.config import ProviderConfig
-from llmgateway.core.errors import UpstreamError
 from llmgateway.core.http import GatewayClient, make_client, open_stream, post_bytes
-from llmgateway.core.pipeline import _in_hand
 from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,70 +174,3 @@ async def test_post_bytes_errors_are_httpx_errors() -> None:
     async with _client(connect_timeout=1.0) as client:
         with pytest.raises(httpx.ConnectError):
             await post_bytes(client, f"http://127.0.0.1:{free_port()}/v1/chat", content=b"{}", headers={})
-
-
-async def _collect(source: AsyncIterator[bytes]) -> list[tuple[bytes, bool]]:
-    return [item async for item in _in_hand(source)]
-
-
-async def test_frames_in_hand_go_out_together_and_nothing_waits() -> None:
-    async def burst_then_pause() -> AsyncIterator[bytes]:
-        yield b"a"
-        yield b"b"
-        yield b"c"
-        await asyncio.sleep(0.01)
-        yield b"d"
-        yield b"e"
-
-    assert await _collect(burst_then_pause()) == [(b"a", False), (b"bc", False), (b"de", True)]
-
-    async def spaced() -> AsyncIterator[bytes]:
-        for frame in (b"x", b"y"):
-            await asyncio.sleep(0.005)
-            yield frame
-        await asyncio.sleep(0.005)
-
-    assert await _collect(spaced()) == [(b"x", False), (b"y", False)]
-
-
-async def test_frames_in_hand_are_sent_before_an_error() -> None:
-    async def fails() -> AsyncIterator[bytes]:
-        yield b"a"
-        yield b"b"
-        raise UpstreamError("cut", provider="p")
-
-    got: list[tuple[bytes, bool]] = []
-
-    async def consume() -> None:
-        async for item in _in_hand(fails()):
-            got.append(item)
-
-    with pytest.raises(UpstreamError):
-        await consume()
-    assert got == [(b"a", False), (b"b", False)]
-
-
-async def test_frames_in_hand_cancel_reaches_the_source() -> None:
-    closed = asyncio.Event()
-
-    async def hangs() -> AsyncIterator[bytes]:
-        try:
-            yield b"a"
-            await asyncio.sleep(3600)
-            yield b"never"
-        finally:
-            closed.set()
-
-    got: list[tuple[bytes, bool]] = []
-
-    async def consume() -> None:
-        async for item in _in_hand(hangs()):
-            got.append(item)
-
-    task = asyncio.create_task(consume())
-    await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert got == [(b"a", False)]
-    await asyncio.wait_for(closed.wait(), 1)
