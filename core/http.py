@@ -154,7 +154,7 @@ class GatewayClient(httpx.AsyncClient):
             follow_redirects=False,
             trust_env=False,
             # one client serves every tenant: it must never keep state between requests
-            cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             # streamed bodies are read raw (frame by frame): ask upstreams not to compress them
             headers={"accept-encoding": "identity"},
         )
