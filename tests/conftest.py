@@ -42,6 +42,13 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own empty directory: a gateway built from a config string (no file)
+    keeps its SQLite database there, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 async def fake_openai_server() -> AsyncIterator[tuple[FakeOpenAI, str]]:
     fake = FakeOpenAI()
