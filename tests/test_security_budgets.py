@@ -1,10 +1,15 @@
 """Budgets: the maximum cost is reserved before the provider is called and the real cost settled after,
-so a thousand concurrent requests cannot overspend; spend survives a restart; unpriced deployments
-reserve nothing; a team's budget is shared by its keys."""
+so a thousand concurrent requests cannot overspend; spend survives a restart (and a restart while the
+database is down does not start a budget from zero); unpriced deployments reserve nothing; a team's
+budget is shared by its keys; Redis trouble between reservation and settlement neither loses spend,
+counts it twice, nor leaves reservations behind; the memory backend forgets past periods."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +24,7 @@ from tests.servers import free_port
 from tests.test_security_support import (
     MASTER_KEY,
     REDIS_URL,
+    TcpProxy,
     auth,
     chat,
     config,
@@ -198,3 +204,175 @@ async def test_with_redis_down_budgeted_requests_are_refused_not_overspent_and_n
         assert response.status_code == 429
         assert response.body["error"]["code"] == "budget_unavailable"
     assert [r.status_code for r in unbudgeted] == [200, 200, 200]
+
+
+SLOW_PRICED = """
+[providers.slowpriced]
+type = "demo"
+reply = "ok"
+delay = 0.3
+
+[[models]]
+name = "slowpriced"
+deployments = [{ provider = "slowpriced", model = "sp-1", input_price = 0.0, output_price = 10000.0 }]
+"""
+
+JWT_SECRET = "budgets-jwt-secret-at-least-32-bytes!!"
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def spend_one_by_one(url: str, key: str, count: int) -> list[Answer]:
+    return [(await spend(url, key, 1))[0] for _ in range(count)]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_restart_while_the_database_is_down_does_not_start_a_budget_from_zero(
+    serve_gateway: GatewayFactory, security_db: str, redis_prefix: str, backend: str
+) -> None:
+    import jwt
+
+    user = f"u-seed-{secrets.token_hex(4)}"
+    token = jwt.encode({"sub": user, "exp": int(time.time()) + 300}, JWT_SECRET, algorithm="HS256")
+
+    def toml(database_url: str, prefix: str) -> str:
+        store = (
+            '[budgets]\nbackend = "memory"\n'
+            if backend == "memory"
+            else f'[budgets]\nbackend = "redis"\nredis_url = "{REDIS_URL}"\nkey_prefix = "{prefix}"\n'
+        )
+        return config(
+            database(database_url),
+            f'[auth.jwt]\nsecret = "{JWT_SECRET}"\n',
+            store,
+            '[budgets.defaults.user]\nusd = 0.05\nperiod = "monthly"\n',
+            PRICED,
+        )
+
+    async with serve_gateway(toml(security_db, redis_prefix)) as url:
+        assert [r.status_code for r in await spend(url, token, 7)].count(200) == 5  # the month's budget is spent
+    async with TcpProxy(5432) as proxy:
+        behind_proxy = security_db.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        # a new process (and, with Redis, no counter for the month: a flushed Redis)
+        async with serve_gateway(toml(behind_proxy, f"{redis_prefix}restarted:")) as url:
+            proxy.set_mode("down")  # the database goes away: the month's spend cannot be read
+            unavailable = (await spend(url, token, 1))[0]
+            assert unavailable.status_code == 429
+            assert unavailable.body["error"]["code"] == "budget_unavailable"
+            proxy.set_mode("forward")  # back: the counter starts from the usage rows, not from zero
+            check_refused((await spend(url, token, 1))[0])
+
+
+@pytest.mark.parametrize("failure", ["down", "mute"])
+async def test_a_settlement_redis_missed_is_retried_and_counted_once(
+    serve_gateway: GatewayFactory, security_db: str, redis_prefix: str, failure: str
+) -> None:
+    async with TcpProxy(6379) as proxy:
+        toml = config(
+            database(security_db),
+            f"""
+            [budgets]
+            backend = "redis"
+            redis_url = "redis://127.0.0.1:{proxy.port}/0"
+            key_prefix = "{redis_prefix}"
+            redis_timeout = 0.2
+            redis_retry_interval = 0
+            lease_seconds = 1
+            """,
+            PRICED,
+            SLOW_PRICED,
+        )
+        async with serve_gateway(toml) as url:
+            stats = serve_gateway.gateway.pm.get_plugin("budgets").stats  # type: ignore[attr-defined]
+            key = (await create_key(url, budget_usd=0.05, budget_period="total"))["key"]
+            body = orjson.dumps(chat("slowpriced", max_tokens=1, stream=True))
+            headers = {**auth(key), "content-type": "application/json"}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{url}/v1/chat/completions", data=body, headers=headers) as response,
+            ):
+                assert response.status == 200
+                await response.content.readuntil(b"\n\n")  # reserved, answering
+                # Redis goes away (down), or does the work but its answers are lost (mute)
+                proxy.set_mode(failure)
+                assert b"[DONE]" in await response.read()
+            await until(lambda: stats["redis_errors"] >= 1, "the settlement failed")
+            proxy.set_mode("forward")
+            await until(lambda: stats.get("settles_pending", 0) == 0, "the queued settlement reached Redis")
+            await asyncio.sleep(1.2)  # the reservation's 1 s lease is over: only a settlement can count the cost now
+            # the streamed request cost $0.01, counted exactly once: $0.04 are left
+            results = await spend_one_by_one(url, key, 5)
+    assert [r.status_code for r in results] == [200, 200, 200, 200, 429]
+    check_refused(results[-1])
+
+
+async def test_reservations_whose_answer_was_lost_are_released(
+    serve_gateway: GatewayFactory, security_db: str, redis_prefix: str
+) -> None:
+    async with TcpProxy(6379) as proxy:
+        toml = config(
+            database(security_db),
+            f"""
+            [budgets]
+            backend = "redis"
+            redis_url = "redis://127.0.0.1:{proxy.port}/0"
+            key_prefix = "{redis_prefix}"
+            redis_timeout = 0.2
+            redis_retry_interval = 0
+            """,
+            PRICED,
+        )
+        async with serve_gateway(toml) as url:
+            key = (await create_key(url, budget_usd=0.05, budget_period="total"))["key"]
+            assert (await spend(url, key, 1))[0].status_code == 200  # $0.01 spent
+            proxy.set_mode("mute")  # Redis makes the reservations; their answers never come back
+            for refused in await spend_one_by_one(url, key, 3):
+                assert refused.status_code == 429
+                assert refused.body["error"]["code"] == "budget_unavailable"
+            proxy.set_mode("forward")
+            # the lost reservations ($0.03) are released: the remaining $0.04 can be spent
+            succeeded = 0
+            deadline = time.monotonic() + 5
+            while succeeded < 4 and time.monotonic() < deadline:
+                answer = (await spend(url, key, 1))[0]
+                if answer.status_code == 200:
+                    succeeded += 1
+                else:
+                    check_refused(answer)
+                    await asyncio.sleep(0.1)
+            assert succeeded == 4
+            check_refused((await spend(url, key, 1))[0])
+
+
+def test_the_memory_backend_forgets_past_periods() -> None:
+    from llmgateway.plugins.security.budgets import PERIODS, Budget, MemoryBudgets, period_bounds
+
+    memory = MemoryBudgets()
+    now = datetime.now(UTC)
+
+    def budget(period: str, when: datetime) -> Budget:
+        period_id, start, end = period_bounds(period, when)
+        return Budget("key", "k-periods", 10**9, period, period_id, start, end)
+
+    past = [
+        budget("daily", now - timedelta(days=2)),
+        budget("weekly", now - timedelta(days=15)),
+        budget("monthly", now - timedelta(days=65)),
+    ]
+    for old in past:
+        memory.seed(old, 0)
+        assert memory.reserve([old], 100) is None
+        memory.settle([old], 100, 50)
+    current = [budget(period, now) for period in PERIODS]
+    for new in current:
+        memory.seed(new, 0)
+    assert memory.reserve(current, 100) is None
+    memory.settle(past, 100, 50)  # a request of a past period ending late changes nothing
+    # one counter per budget and current period: a long-running process does not keep every period's
+    assert set(memory.counters) == {b.name for b in current}

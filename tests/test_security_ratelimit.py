@@ -1,11 +1,14 @@
 """Rate limits as clients see them: exact admission under concurrency (memory and Redis), OpenAI's
 headers, token reservations corrected by real usage, concurrency slots freed on disconnect, three
-gateway processes sharing one Redis, and Redis trouble never turning into a 5xx."""
+gateway processes sharing one Redis, and Redis trouble never turning into a 5xx or a hung request:
+a blackholed Redis fails every waiting caller together, a failover is followed, an admission whose
+answer was lost frees its slots, and Redis URL options we do not understand are refused."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,14 @@ from tests.servers import free_port
 from tests.test_security_support import (
     MASTER_KEY,
     REDIS_URL,
+    TcpProxy,
     auth,
     chat,
     config,
     create_key,
     database,
     gateway_processes,
+    hung_listener,
     orm,
     redis_prefix,
     security_db,
@@ -320,3 +325,141 @@ async def test_the_script_client_selects_the_database_and_config_refuses_other_s
     with pytest.raises(ConfigError) as info:
         build_gateway(parse_config(config('[ratelimit]\nbackend = "redis"\nredis_url = "http://127.0.0.1:6379"\n')))
     assert info.value.key == "ratelimit.redis_url"
+
+
+async def test_callers_waiting_on_a_blackholed_redis_fail_together_within_the_timeout() -> None:
+    from llmgateway.plugins.security.redis_util import ScriptClient, redis_errors
+
+    async with hung_listener() as port:
+        client = ScriptClient(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(*[client.call("PING") for _ in range(20)], return_exceptions=True)
+            elapsed = time.monotonic() - started
+        finally:
+            await client.aclose()
+    assert all(isinstance(r, redis_errors()) for r in results), results
+    # one shared connection attempt: not one 0.2 s attempt after another (20 x 0.2 = 4 s)
+    assert elapsed < 1.5
+
+
+async def test_the_first_call_on_a_new_connection_is_bounded_by_one_timeout(redis_prefix: str) -> None:
+    from llmgateway.plugins.security.redis_util import ScriptClient
+
+    async with TcpProxy(6379) as proxy:
+        proxy.delay = 0.2  # every answer comes 0.2 s late: SELECT, then the command
+        client = ScriptClient(f"redis://127.0.0.1:{proxy.port}/3", timeout=0.3)
+        try:
+            with pytest.raises(TimeoutError):  # 0.4 s in all: more than the 0.3 s the caller was promised
+                await client.call("PING")
+        finally:
+            await client.aclose()
+
+
+async def test_requests_are_answered_promptly_while_redis_connects_hang(serve_gateway: GatewayFactory) -> None:
+    async with hung_listener() as port:
+        toml = config(
+            f"""
+            [ratelimit]
+            backend = "redis"
+            redis_url = "redis://127.0.0.1:{port}/0"
+            redis_timeout = 0.2
+            redis_retry_interval = 0
+
+            [ratelimit.models.demo]
+            rpm = 30
+            """
+        )
+        async with serve_gateway(toml) as url:
+            started = time.monotonic()
+            responses = await post_many(url, 50)
+            elapsed = time.monotonic() - started
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 30  # the local limits, enforced while Redis is away
+    assert statuses.count(429) == 20
+    assert elapsed < 5  # each request waits for Redis at most its 0.2 s, not behind all the others
+
+
+async def test_a_failover_is_followed_instead_of_failing_on_the_old_primary(redis_prefix: str) -> None:
+    from llmgateway.plugins.security.redis_util import ReplyError, ScriptClient
+
+    async with TcpProxy(6379) as proxy:
+        client = ScriptClient(f"redis://127.0.0.1:{proxy.port}/0", timeout=2)
+        try:
+            assert await client.call("SET", f"{redis_prefix}failover", "before") == "OK"
+            proxy.demote()  # the old primary is a replica now; new connections reach the new primary
+            with pytest.raises(ReplyError, match="READONLY"):
+                await client.call("SET", f"{redis_prefix}failover", "after")
+            assert await client.call("SET", f"{redis_prefix}failover", "after") == "OK"
+            assert await client.call("GET", f"{redis_prefix}failover") == b"after"
+        finally:
+            await client.aclose()
+
+
+async def test_redis_url_options_are_honoured_or_refused_at_startup(redis_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    from llmgateway.core.app import build_gateway
+    from llmgateway.core.config import parse_config
+    from llmgateway.core.errors import ConfigError
+    from llmgateway.plugins.security.redis_util import ScriptClient
+
+    for section in ("ratelimit", "budgets"):
+        for option in ("ssl_cert_reqs=none", "socket_timeout=5"):
+            url = f"rediss://127.0.0.1:6379/0?{option}"
+            toml = config(f'[{section}]\nbackend = "redis"\nredis_url = "{url}"\n')
+            with pytest.raises(ConfigError) as info:
+                build_gateway(parse_config(toml))
+            assert info.value.key == f"{section}.redis_url"
+            assert option.split("=")[0] in str(info.value)
+    client = ScriptClient("redis://127.0.0.1:6379?db=4", timeout=2)
+    other = aioredis.Redis.from_url("redis://127.0.0.1:6379/4")
+    try:
+        await client.call("SET", f"{redis_prefix}db", "four")
+        assert await other.get(f"{redis_prefix}db") == b"four"  # the database ?db= names
+    finally:
+        await other.delete(f"{redis_prefix}db")
+        await other.aclose()
+        await client.aclose()
+
+
+async def test_slots_taken_by_an_admission_whose_answer_was_lost_are_released(
+    serve_gateway: GatewayFactory, redis_prefix: str
+) -> None:
+    async with TcpProxy(6379) as proxy:
+        toml = config(
+            f"""
+            [ratelimit]
+            backend = "redis"
+            redis_url = "redis://127.0.0.1:{proxy.port}/0"
+            key_prefix = "{redis_prefix}"
+            redis_timeout = 0.2
+            redis_retry_interval = 0
+
+            [ratelimit.models.slow]
+            max_parallel = 2
+            """,
+            SLOW_DEMO,
+        )
+        async with serve_gateway(toml) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+            proxy.set_mode("mute")  # Redis runs the admissions; their answers never come back
+            for _ in range(2):
+                response = await http.post("/v1/chat/completions", json=chat("slow"), headers=auth(MASTER_KEY))
+                assert response.status_code == 200  # admitted by the local limits
+            proxy.set_mode("forward")  # Redis is back
+            statuses: list[int] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                async with contextlib.AsyncExitStack() as stack:
+                    statuses = []
+                    for _ in range(2):  # two concurrent requests, as max_parallel allows
+                        stream = await stack.enter_async_context(
+                            http.stream(
+                                "POST", "/v1/chat/completions", json=chat("slow", stream=True), headers=auth(MASTER_KEY)
+                            )
+                        )
+                        statuses.append(stream.status_code)
+                if statuses == [200, 200]:
+                    break
+                await asyncio.sleep(0.1)
+            assert statuses == [200, 200]

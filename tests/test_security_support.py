@@ -5,6 +5,9 @@
   models inside ``with orm(gateway):``.
 * ``redis_prefix``: a unique Redis key prefix per test, its keys deleted afterwards.
 * :func:`create_key`: a virtual key made through the admin API, as an operator would.
+* :func:`hung_listener`: a port where TCP connects hang (a blackholed Redis).
+* :class:`TcpProxy`: a proxy in front of the real Redis or PostgreSQL that a test breaks on purpose:
+  down, muted (the server does the work, its answers are lost), slow, or demoted (READONLY).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -192,3 +196,153 @@ def gateway_processes(
     finally:
         for proc in procs:
             proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def hung_listener() -> AsyncIterator[int]:
+    """A port where TCP connects hang: a listening socket that never accepts, its queue filled up
+    (SYNs to a full accept queue are dropped, as for a blackholed host)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            sock = socket.socket()
+            sock.setblocking(False)
+            fillers.append(sock)
+            try:
+                async with asyncio.timeout(0.2):
+                    await loop.sock_connect(sock, ("127.0.0.1", port))
+            except TimeoutError:
+                break  # this connect hangs: so will the next ones
+        else:
+            raise RuntimeError("could not make connects hang")
+        yield port
+    finally:
+        for sock in fillers:
+            sock.close()
+        server.close()
+
+
+def _commands(buffer: bytearray) -> int:
+    """Complete RESP commands (arrays of bulk strings) at the start of ``buffer``, removed from it."""
+    count = 0
+    while True:
+        pos, end = 0, buffer.find(b"\r\n")
+        if not buffer.startswith(b"*") or end < 0:
+            return count
+        items, pos = int(buffer[1:end]), end + 2
+        for _ in range(items):
+            end = buffer.find(b"\r\n", pos)
+            if end < 0:
+                return count
+            pos = end + 2 + int(buffer[pos + 1 : end]) + 2
+            if pos > len(buffer):
+                return count
+        del buffer[:pos]
+        count += 1
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of a real server (Redis, PostgreSQL), for breaking it on purpose.
+
+    ``mode``: ``"forward"``; ``"down"`` (open connections are cut, new ones closed at once: a dead
+    server); ``"mute"`` (requests still reach the server, its answers are dropped: it did the work but
+    the client never hears of it). ``delay`` holds each answer back that many seconds.
+    :meth:`demote` makes the open connections answer every command with ``-READONLY`` (the old
+    primary after a failover) while new connections still reach the server (the new primary).
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.mode = "forward"
+        self.delay = 0.0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for link in list(self._links):
+            link.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        await self._server.wait_closed()
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode == "down":
+            for link in list(self._links):
+                link.close()
+
+    def demote(self) -> None:
+        for link in self._links:
+            link.readonly = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "down":
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        link = _Link(writer, up_writer)
+        self._links.add(link)
+        for coro in (self._requests(link, reader), self._answers(link, up_reader)):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _requests(self, link: _Link, reader: asyncio.StreamReader) -> None:
+        pending = bytearray()
+        try:
+            while data := await reader.read(65536):
+                if link.readonly:
+                    pending += data
+                    for _ in range(_commands(pending)):
+                        link.client.write(b"-READONLY You can't write against a read only replica.\r\n")
+                else:
+                    link.upstream.write(data)
+        except OSError:
+            pass
+        finally:
+            link.close()
+            self._links.discard(link)
+
+    async def _answers(self, link: _Link, reader: asyncio.StreamReader) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if self.mode == "forward" and not link.readonly:
+                    link.client.write(data)
+        except OSError:
+            pass
+        finally:
+            link.close()
+            self._links.discard(link)
+
+
+class _Link:
+    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.readonly = False
+
+    def close(self) -> None:
+        self.client.close()
+        self.upstream.close()

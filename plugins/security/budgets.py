@@ -17,20 +17,29 @@ If Redis fails (``redis_timeout`` seconds to connect or answer, default 1), ``on
 decides: ``refuse`` (default: budgeted requests get a 429 ``budget_unavailable`` until Redis answers
 again — overspending is impossible), ``local`` (each process keeps its own counters, started from the
 usage rows: replicas may then together overspend), ``allow``. Redis is retried after
-``redis_retry_interval`` seconds. Never a 5xx.
+``redis_retry_interval`` seconds. Never a 5xx. A reservation whose answer never came (Redis may have
+made it) is released in the background; a settlement that fails is queued and retried in the
+background until Redis takes it (settling is idempotent per request: a retry counts once).
 
 Spend is counted in integer nano-dollars. It survives restarts: Redis keeps it (one hash per budget
 and period); the memory backend — and Redis when a period's counter is missing — starts from the sum
-of the period's usage rows. Reservations in Redis are leases: a replica that dies holding one
-frees it after ``lease_seconds``.
+of the period's usage rows. When those cannot be read (the database is down or slow), the counter is
+not started: the request is treated as with Redis unavailable (``allow`` admits it, ``refuse`` and
+``local`` refuse it with ``budget_unavailable``) and a later request tries again. Reservations in
+Redis are leases: a replica that dies holding one frees it after ``lease_seconds``. The memory
+backend forgets a period's counters once the period is over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -42,7 +51,7 @@ from llmgateway.core.provider import estimate_prompt_tokens
 from llmgateway.core.types import Deployment, ModelGroup, RequestContext
 
 from .limits import IdentityLimits, Limits, LimitsResolver, orm_ready
-from .redis_util import Script, ScriptClient, redis_errors
+from .redis_util import Script, ScriptClient, redis_errors, transient
 
 if TYPE_CHECKING:
     from llmgateway.core.app import Gateway
@@ -51,6 +60,8 @@ log = logging.getLogger("llmgateway.security.budgets")
 
 PERIODS = ("daily", "weekly", "monthly", "total")
 NANO = 1_000_000_000
+MAX_QUEUED = 100_000  # settlements waiting for Redis (beyond this the oldest are dropped, and logged)
+MIN_SETTLED_MS = 600_000  # a settled request is remembered at least this long (a retry counts once)
 
 
 def to_nano(usd: float) -> int:
@@ -110,28 +121,48 @@ def reservation_for(ctx: RequestContext, deployments: list[Deployment], default_
 
 
 class MemoryBudgets:
+    """Counters per budget and period, in this process. A period's counters are dropped once it is over."""
+
     def __init__(self) -> None:
         self.counters: dict[str, list[int]] = {}  # budget name -> [spent, reserved]
+        self._ends: list[tuple[float, str]] = []  # heap of (period end, budget name)
+
+    def _prune(self) -> None:
+        ends, now = self._ends, time.time()
+        while ends and ends[0][0] <= now:
+            self.counters.pop(heapq.heappop(ends)[1], None)
+
+    def _counter(self, budget: Budget, spent: int = 0) -> list[int]:
+        counter = self.counters.get(budget.name)
+        if counter is None:
+            counter = self.counters[budget.name] = [spent, 0]
+            if budget.end is not None:
+                heapq.heappush(self._ends, (budget.end.timestamp(), budget.name))
+        return counter
 
     def has(self, budget: Budget) -> bool:
         return budget.name in self.counters
 
     def seed(self, budget: Budget, spent: int) -> None:
-        self.counters.setdefault(budget.name, [spent, 0])
+        self._prune()
+        self._counter(budget, spent)
 
     def reserve(self, budgets: list[Budget], amount: int) -> tuple[Budget, int] | None:
         """Reserve ``amount`` in every budget, or return (the budget that has no room, its use)."""
-        for budget in budgets:
-            spent, reserved = self.counters.setdefault(budget.name, [0, 0])
+        self._prune()
+        counters = [self._counter(budget) for budget in budgets]
+        for budget, (spent, reserved) in zip(budgets, counters, strict=True):
             if spent + reserved + amount > budget.limit:
                 return budget, spent
-        for budget in budgets:
-            self.counters[budget.name][1] += amount
+        for counter in counters:
+            counter[1] += amount
         return None
 
     def settle(self, budgets: list[Budget], amount: int, cost: int) -> None:
         for budget in budgets:
-            counter = self.counters.setdefault(budget.name, [0, 0])
+            counter = self.counters.get(budget.name)
+            if counter is None:  # its period is over (and forgotten)
+                continue
             counter[1] = max(0, counter[1] - amount)
             counter[0] += cost
 
@@ -141,6 +172,11 @@ class MemoryBudgets:
 
 # ---- the Redis backend ----------------------------------------------------------------------
 
+# A budget is a hash (spent, reserved, seeded, and r:<request> = its reservation, or "-" once settled)
+# and a sorted set of requests by expiry: a reservation's lease, then how long its settlement is
+# remembered (so a retried settlement counts once, and a reservation arriving after its own release
+# reserves nothing).
+
 RESERVE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -149,13 +185,15 @@ local n = #KEYS / 2
 for i = 1, n do
   local h, leases = KEYS[2*i-1], KEYS[2*i]
   if redis.call('HEXISTS', h, 'seeded') == 0 then return {-1, i, 0} end
+  -- released already (this call's client gave up waiting): reserve nothing
+  if redis.call('HGET', h, 'r:' .. member) == '-' then return {1, 0, 0} end
   while true do
     local old = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 500)
     if #old == 0 then break end
     for j = 1, #old do
       local f = 'r:' .. old[j]
       local held = redis.call('HGET', h, f)
-      if held and held ~= '0' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
+      if held and held ~= '0' and held ~= '-' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
       redis.call('HDEL', h, f)
     end
     redis.call('ZREM', leases, unpack(old))
@@ -175,18 +213,23 @@ return {1, 0, 0}
 
 SETTLE_LUA = """
 -- amounts stay strings: Lua would print large numbers as 1e+14 and zero negated as -0
-local member, cost = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member, cost, keep = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local f = 'r:' .. member
 local n = #KEYS / 2
 for i = 1, n do
   local h, leases = KEYS[2*i-1], KEYS[2*i]
-  local f = 'r:' .. member
-  local held = redis.call('HGET', h, f)
-  if held then
-    if held ~= '0' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
-    redis.call('HDEL', h, f)
+  -- not seeded: nothing was reserved here, and the usage rows will count the cost
+  if redis.call('HEXISTS', h, 'seeded') == 1 then
+    local held = redis.call('HGET', h, f)
+    if held ~= '-' then  -- '-': settled already, this is a retry
+      if held and held ~= '0' then redis.call('HINCRBY', h, 'reserved', '-' .. held) end
+      if cost ~= '0' then redis.call('HINCRBY', h, 'spent', cost) end
+      redis.call('HSET', h, f, '-')
+      redis.call('ZADD', leases, now + keep, member)
+    end
   end
-  redis.call('ZREM', leases, member)
-  if cost ~= '0' then redis.call('HINCRBY', h, 'spent', cost) end
 end
 return 1
 """
@@ -206,12 +249,35 @@ return 1
 
 
 class RedisBudgets:
-    def __init__(self, client: ScriptClient, prefix: str) -> None:
+    """Reservations and settlements are one script call each, on the request path. A settlement that
+    fails (or a release of a reservation whose answer never came) is queued and retried by a
+    background task until Redis takes it; settling is idempotent per request."""
+
+    def __init__(
+        self,
+        client: ScriptClient,
+        prefix: str,
+        *,
+        lease_ms: int,
+        on_error: Callable[[BaseException], None] | None = None,
+        stats: dict[str, int] | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        self.settled_ms = max(lease_ms, MIN_SETTLED_MS)
         self._reserve = Script(client, RESERVE_LUA)
         self._settle = Script(client, SETTLE_LUA)
         self._seed = Script(client, SEED_LUA)
+        self._queue: deque[tuple[list[Budget], str, int]] = deque()
+        self._sending = 0
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+        self._on_error = on_error
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("settles_queued", 0)
+        self.stats.setdefault("settles_pending", 0)
+        self.stats.setdefault("settles_dropped", 0)
 
     def _keys(self, budget: Budget) -> list[str]:
         base = f"{self.prefix}budget:{budget.name}"
@@ -231,10 +297,91 @@ class RedisBudgets:
         await self._seed(keys=self._keys(budget), args=[spent, max(ttl, 0)])
 
     async def settle(self, budgets: list[Budget], member: str, cost: int) -> None:
+        """Replace the request's reservation by its cost (once: settling again changes nothing)."""
         keys: list[str] = []
         for budget in budgets:
             keys += self._keys(budget)
-        await self._settle(keys=keys, args=[member, cost])
+        await self._settle(keys=keys, args=[member, cost, self.settled_ms])
+
+    def settle_later(self, budgets: list[Budget], member: str, cost: int) -> None:
+        """Settle in the background, retrying until Redis takes it (cost 0: a release)."""
+        if len(self._queue) >= MAX_QUEUED:
+            self._queue.popleft()
+            self.stats["settles_dropped"] += 1
+            log.warning("budgets: %d settlements wait for Redis; dropping the oldest", MAX_QUEUED)
+        self._queue.append((budgets, member, cost))
+        self.stats["settles_queued"] += 1
+        self._count()
+        if self._flusher is None and not self._closing:
+            self._flusher = asyncio.create_task(self._flush_forever(), name="budgets-settle")
+        self._wake.set()
+
+    def _count(self) -> None:
+        self.stats["settles_pending"] = len(self._queue) + self._sending
+
+    async def flush(self) -> None:
+        """Send what is queued (500 at a time, pipelined); what failed for a passing reason stays queued."""
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(500, len(self._queue)))]
+            self._sending = len(batch)
+            try:
+                results = await asyncio.gather(*[self.settle(*item) for item in batch], return_exceptions=True)
+            except BaseException:  # cancelled: keep everything (settling twice counts once)
+                self._queue.extendleft(reversed(batch))
+                raise
+            finally:
+                self._sending = 0
+                self._count()
+            again = []
+            error: BaseException | None = None
+            for item, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    if transient(result):
+                        again.append(item)
+                        error = result
+                    else:
+                        self.stats["settles_dropped"] += 1
+                        log.warning("budgets: Redis refused a settlement: %s", type(result).__name__)
+            if again:
+                self._queue.extendleft(reversed(again))
+                self._count()
+                assert error is not None
+                raise error
+
+    async def _flush_forever(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:  # kept for the next try
+                task = asyncio.current_task()
+                if self._closing or (task is not None and task.cancelling()):
+                    return
+                if self._on_error is not None:
+                    self._on_error(exc)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop the background task, then send what is still queued (for two seconds at most)."""
+        timeout = 2.0
+        self._closing = True
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            self._wake.set()
+            flusher.cancel()
+            await asyncio.wait({flusher}, timeout=timeout)
+        if self._queue:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    await self.flush()
+        if self._queue:
+            log.warning("budgets: %d settlements could not reach Redis before shutdown", len(self._queue))
+
+
+class Unseeded(Exception):
+    """A period's past spend could not be read (the database is down or slow): its counter must not start."""
 
 
 async def spent_from_usage(budget: Budget) -> int:
@@ -279,7 +426,8 @@ class BudgetsPlugin:
         self.redis: RedisBudgets | None = None
         self._client: Any = None
         self._redis_down_until = 0.0
-        self._seed_locks: dict[str, asyncio.Lock] = {}
+        self._reading: dict[str, asyncio.Task[int]] = {}  # budget name -> the one read of its past spend
+        self.seed_timeout = 5.0
         self.resolver = LimitsResolver()
         self._models: dict[str, ModelGroup] = {}
         self.stats: dict[str, int] = {
@@ -288,6 +436,10 @@ class BudgetsPlugin:
             "allowed_without_redis": 0,
             "refused_without_redis": 0,
             "refused": 0,
+            "seed_errors": 0,
+            "settles_queued": 0,
+            "settles_pending": 0,
+            "settles_dropped": 0,
         }
 
     @hookimpl
@@ -319,12 +471,20 @@ class BudgetsPlugin:
     async def llmgateway_startup(self, gateway: Gateway) -> None:
         gateway.state["budgets.stats"] = self.stats
         self._models = gateway.models
+        storage = gateway.state.get("storage")
+        timeout = getattr(getattr(storage, "db", None), "timeout", None)
+        if isinstance(timeout, (int, float)):
+            self.seed_timeout = float(timeout)  # reading past spend waits as long as [database] timeout
         if self.backend_name == "redis" and self.redis_url:
             self._client = ScriptClient(self.redis_url, timeout=self.redis_timeout)
-            self.redis = RedisBudgets(self._client, self.key_prefix)
+            self.redis = RedisBudgets(
+                self._client, self.key_prefix, lease_ms=self.lease_ms, on_error=self._redis_failed, stats=self.stats
+            )
 
     @hookimpl
     async def llmgateway_shutdown(self, gateway: Gateway) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -371,13 +531,15 @@ class BudgetsPlugin:
 
         async def settle(ctx: RequestContext) -> None:
             cost = to_nano(ctx.cost) if ctx.cost and ctx.attempts else 0
-            if backend == "redis" and self.redis is not None:
+            redis = self.redis
+            if backend == "redis" and redis is not None:
                 try:
-                    await self.redis.settle(budgets, member, cost)
-                    return
+                    await redis.settle(budgets, member, cost)
                 except redis_errors() as exc:
                     self._redis_failed(exc)
-            self.memory.settle(budgets, amount if backend == "local" else 0, cost)
+                    redis.settle_later(budgets, member, cost)  # Redis may have taken it: settling twice counts once
+            elif backend == "local":
+                self.memory.settle(budgets, amount, cost)
 
         ctx.on_finish.append(settle)
 
@@ -396,38 +558,61 @@ class BudgetsPlugin:
                 self._redis_failed(RuntimeError("budget counters vanished while being initialised"))
             except redis_errors() as exc:
                 self._redis_failed(exc)
+                # the script may have run without its answer reaching us: release what it may hold
+                redis.settle_later(budgets, member, 0)
+            except Unseeded:
+                return self._unavailable(seeding=True)
         if redis is not None:
-            if self.on_redis_error == "allow":
-                self.stats["allowed_without_redis"] += 1
-                return "none"
-            if self.on_redis_error == "refuse":
-                self.stats["refused_without_redis"] += 1
-                raise BudgetExceededError(
-                    "Budgets cannot be checked right now; try again shortly",
-                    code="budget_unavailable",
-                    retry_after=max(1.0, self.redis_retry_interval),
-                )
+            if self.on_redis_error != "local":
+                return self._unavailable(seeding=False)
             self.stats["local_fallbacks"] += 1
-        for budget in budgets:
-            if not self.memory.has(budget):
-                lock = self._seed_locks.setdefault(budget.name, asyncio.Lock())
-                async with lock:
-                    if not self.memory.has(budget):
-                        self.memory.seed(budget, await self._spent_from_usage(budget))
-                self._seed_locks.pop(budget.name, None)
+        try:
+            for budget in budgets:
+                if not self.memory.has(budget):
+                    self.memory.seed(budget, await self._spent_from_usage(budget))
+        except Unseeded:
+            return self._unavailable(seeding=True)
         refused = self.memory.reserve(budgets, amount)
         if refused is not None:
             self._refuse(refused[0], refused[1], amount)
         return "local"
 
+    def _unavailable(self, *, seeding: bool) -> str:
+        """No budget store can decide (Redis unavailable, or past spend unreadable): allow or refuse."""
+        if self.on_redis_error == "allow":
+            self.stats["allowed_without_redis"] += 1
+            return "none"
+        self.stats["refused_without_redis"] += 1
+        raise BudgetExceededError(
+            "Budgets cannot be checked right now; try again shortly",
+            code="budget_unavailable",
+            retry_after=1.0 if seeding else max(1.0, self.redis_retry_interval),
+        )
+
     async def _spent_from_usage(self, budget: Budget) -> int:
+        """The period's past spend; concurrent requests share one read. Raises :class:`Unseeded`."""
         if not self.seed_from_usage:
             return 0
+        reading = self._reading.get(budget.name)
+        if reading is None:
+            reading = self._reading[budget.name] = asyncio.create_task(self._read_spent(budget))
+            reading.add_done_callback(lambda task: self._read_done(budget.name, task))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, name: str, task: asyncio.Task[int]) -> None:
+        if self._reading.get(name) is task:
+            del self._reading[name]
+        if not task.cancelled():
+            task.exception()  # retrieved here: its waiters may all have gone
+
+    async def _read_spent(self, budget: Budget) -> int:
         try:
-            return await spent_from_usage(budget)
+            async with asyncio.timeout(self.seed_timeout):
+                return await spent_from_usage(budget)
         except Exception as exc:
-            log.warning("could not read past spend for %s: %s", budget.name, type(exc).__name__)
-            return 0
+            self.stats["seed_errors"] += 1
+            log.warning("could not read past spend for %s: %s; not counting it yet", budget.name, type(exc).__name__)
+            raise Unseeded(budget.name) from exc
 
     def _refuse(self, budget: Budget, spent: int, amount: int) -> None:
         self.stats["refused"] += 1

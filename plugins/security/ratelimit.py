@@ -15,7 +15,9 @@ Backends: ``memory`` (one process) and ``redis`` — one Lua script per admissio
 server's clock, so N replicas together admit exactly the limit. Redis gets short connect/read
 timeouts; when it fails, ``on_redis_error = "local"`` (default) enforces the limits in this process
 alone, ``"allow"`` admits; either way the failure is counted in ``stats`` and Redis is tried again
-after ``redis_retry_interval`` seconds. A Redis failure never becomes a 5xx.
+after ``redis_retry_interval`` seconds. A Redis failure never becomes a 5xx. When an admission's
+answer never came (Redis may have run the script), its concurrency slots are released in the
+background, so they do not stay taken until their lease expires.
 
 Responses carry OpenAI's headers: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests``,
 ``x-ratelimit-reset-requests`` (and ``-tokens``), for the tightest scope; a refusal is a 429
@@ -600,6 +602,8 @@ class RateLimitPlugin:
                     return "redis", await self.redis.admit(member, scopes, self.lease_ms)
                 except redis_errors() as exc:
                     self._redis_failed(exc)
+                    # the script may have run without its answer reaching us: free the slots it may hold
+                    self.redis.finish_later(member, scopes, None)
             if self.on_redis_error == "allow":
                 self.stats["allowed_without_redis"] += 1
                 return "none", Verdict(True, remaining=[(NONE, 0, NONE, 0)] * len(scopes))

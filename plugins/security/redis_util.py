@@ -5,7 +5,12 @@ client spends about 60 µs of Python per call (pool, retries, timeouts, response
 Redis spends running the script — so those calls go through :class:`ScriptClient`: one connection,
 commands pipelined in order, RESP2 replies matched first-in first-out, a timeout per call (a late
 reply poisons the connection: it is closed and every waiting call fails), reconnection on the next
-call. Anything else (pub/sub, tools) uses redis-py through :func:`make_redis`.
+call. Concurrent calls that find no connection share one connection attempt, and the first call on a
+new connection (connect, TLS, AUTH, SELECT and the command) is bounded by one timeout: a hung Redis
+fails every waiting caller together, after ``timeout`` seconds, not one after the other. An error
+reply that means "this server cannot serve you" (READONLY after a failover, LOADING, MASTERDOWN)
+closes the connection, so the next call reconnects (and finds the new primary behind the same name).
+Anything else (pub/sub, tools) uses redis-py through :func:`make_redis`.
 
 Every failure is raised as something in :func:`redis_errors` — callers catch exactly that and fall
 back; Redis trouble must never become a 5xx or a hung request.
@@ -19,9 +24,12 @@ import socket
 import ssl
 from collections import deque
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+
+# error replies after which this connection is useless (the server is a replica now, or not ready)
+_RECONNECT_ON = ("READONLY", "LOADING", "MASTERDOWN")
 
 
 class ReplyError(Exception):
@@ -34,6 +42,14 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - the redis extra is not installed
         return (*REDIS_ERRORS, ReplyError)
     return (*REDIS_ERRORS, ReplyError, redis.exceptions.RedisError)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed call may succeed when tried again (connection trouble, a timeout, a server
+    that is busy, loading or no longer the primary) rather than never (a script error)."""
+    if isinstance(exc, ReplyError):
+        return str(exc).startswith((*_RECONNECT_ON, "BUSY", "OOM", "TRYAGAIN"))
+    return isinstance(exc, redis_errors())
 
 
 def make_redis(url: str, *, timeout: float, max_connections: int = 256) -> Any:
@@ -139,6 +155,10 @@ class _Connection(asyncio.Protocol):
                         future.set_exception(value)
                     else:
                         future.set_result(value)
+                if isinstance(value, ReplyError) and str(value).startswith(_RECONNECT_ON):
+                    # a failover left us on a replica (or the server is loading): reconnect next time
+                    self.fail(ConnectionError(f"Redis cannot serve this connection ({str(value).split()[0]})"))
+                    return
         except (ValueError, ConnectionError) as exc:
             self.fail(ConnectionError(f"unreadable Redis reply: {exc}"))
             return
@@ -174,7 +194,11 @@ class _Connection(asyncio.Protocol):
 
 
 class ScriptClient:
-    """Lua scripts over one pipelined connection (``redis://[user:password@]host:port/db``, ``rediss://``)."""
+    """Lua scripts over one pipelined connection (``redis://[user:password@]host:port/db``, ``rediss://``).
+
+    The only URL option understood is ``?db=`` (the same as the path); any other is a ``ValueError``
+    naming it, so a setting meant for redis-py (``ssl_cert_reqs``, ``socket_timeout``...) is never
+    silently ignored."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
         parts = urlsplit(url)
@@ -184,45 +208,68 @@ class ScriptClient:
         self.port = parts.port or 6379
         self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password else None
-        path = parts.path.strip("/")
-        self.db = int(path) if path else 0
+        db = parts.path.strip("/")
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name != "db":
+                raise ValueError(f"unsupported Redis URL option {name!r} (only ?db= is understood)")
+            if db and value != db:
+                raise ValueError(f"the Redis URL names two databases ({db!r} and db={value!r})")
+            db = value
+        if db and not db.isdigit():
+            raise ValueError(f"the Redis database must be a number, not {db!r}")
+        self.db = int(db) if db else 0
         self.tls = parts.scheme == "rediss"
         self.timeout = timeout
         self._conn: _Connection | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
         self._known: set[str] = set()
 
     async def _connection(self) -> _Connection:
+        """The open connection, else the one connection attempt every caller shares."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            conn = self._conn
-            if conn is not None and not conn.closed:
-                return conn
-            loop = asyncio.get_running_loop()
-            context = ssl.create_default_context() if self.tls else None
-            async with asyncio.timeout(self.timeout):
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.get_running_loop().create_task(self._connect(), name="redis-connect")
+            attempt.add_done_callback(self._connected)
+        # shielded: a caller that gives up (its own timeout, a cancelled request) leaves the others theirs
+        return await asyncio.shield(attempt)
+
+    def _connected(self, attempt: asyncio.Task[_Connection]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here: the waiters may all have given up already
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        context = ssl.create_default_context() if self.tls else None
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(self.timeout):  # connect, TLS, AUTH and SELECT together
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self.timeout), self.host, self.port, ssl=context
                 )
-            try:
                 if self.password is not None:
                     auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
                     await conn.send(auth)
                 if self.db:
                     await conn.send(("SELECT", self.db))
-            except BaseException:
+        except BaseException:
+            if conn is not None:
                 conn.fail(ConnectionError("could not set up the Redis connection"))
-                raise
-            self._conn = conn
-            return conn
+            raise
+        self._conn = conn
+        return conn
 
     async def call(self, *args: Any) -> Any:
-        conn = await self._connection()
-        return await conn.send(args)
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return await conn.send(args)
+        async with asyncio.timeout(self.timeout):  # the whole first call: connecting and the command
+            conn = await self._connection()
+            return await conn.send(args)
 
     async def script(self, source: str, sha: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, or EVAL the first time Redis does not know the script."""
@@ -234,6 +281,9 @@ class ScriptClient:
             return await self.call("EVAL", source, len(keys), *keys, *args)
 
     async def aclose(self) -> None:
+        attempt = self._connecting
+        if attempt is not None:  # bounded by its timeout; its waiters get its outcome, not a cancellation
+            await asyncio.wait({attempt})
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.fail(ConnectionError("the client was closed"))
