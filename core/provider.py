@@ -17,6 +17,7 @@ Errors are raised through :func:`~llmgateway.core.errors.error_from_upstream_sta
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ from .errors import (
     UpstreamProtocolError,
     error_from_upstream_status,
     error_message_from_body,
+    map_upstream_errors,
 )
+from .http import open_stream
 from .types import Deployment, RequestContext, Usage
 
 RATE_LIMIT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "ratelimit-", "retry-after")
@@ -146,6 +149,40 @@ class Provider:
             param=param,
             secrets=self.secrets,
         )
+
+    @contextlib.asynccontextmanager
+    async def streaming(
+        self,
+        call: UpstreamCall,
+        url: str,
+        *,
+        content: bytes,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """POST a streamed request and hold its response open for the block.
+
+        Upstream failures are mapped (:func:`~llmgateway.core.errors.map_upstream_errors`), an error
+        status raises the client-facing error with the provider's body, the rate-limit headers land
+        in ``call.response_headers``, and the response is closed when the block ends however it ends
+        (closing before the end closes the connection: that is how an abandoned stream cancels the
+        upstream call). Read the body with ``response.aiter_raw()`` under ``map_upstream_errors``.
+        """
+        with map_upstream_errors(self.name, self.secrets):
+            response = await open_stream(self.http, url, content=content, headers=headers, params=params)
+        try:
+            call.response_headers = self.captured_headers(response.headers)
+            if response.status_code >= 400:
+                with map_upstream_errors(self.name, self.secrets):
+                    body = await response.aread()
+                self.raise_for_status(response, body)
+            yield response
+        finally:
+            await response.aclose()
+
+    def captured_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The upstream response headers kept for the router (rate-limit state). Override to add."""
+        return self.rate_limit_headers(headers)
 
     def parse_error(self, body: bytes) -> tuple[str, str | None, str | None]:
         """(message, code, param) from this provider's error body. Override for odd formats."""

@@ -159,53 +159,45 @@ class AnthropicProvider(Provider):
 
     async def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         payload, json_mode = self._request(call, stream=True)
-        request = self.http.build_request(
-            "POST", self.messages_url, content=payload, headers={**self.headers, "accept": "text/event-stream"}
-        )
-        with map_upstream_errors(self.name, self.secrets):
-            response = await self.http.send(request, stream=True)
         translator: AnthropicToOpenAIStream | None = None
         try:
-            call.response_headers = self.rate_limit_headers(response.headers)
-            if response.status_code >= 400:
+            async with self.streaming(
+                call, self.messages_url, content=payload, headers={**self.headers, "accept": "text/event-stream"}
+            ) as response:
+                translator = AnthropicToOpenAIStream(call.alias, include_usage=call.include_usage, json_mode=json_mode)
+                decoder = SSEDecoder()
+                loads = orjson.loads
                 with map_upstream_errors(self.name, self.secrets):
-                    error_body = await response.aread()
-                self.raise_for_status(response, error_body)
-            translator = AnthropicToOpenAIStream(call.alias, include_usage=call.include_usage, json_mode=json_mode)
-            decoder = SSEDecoder()
-            loads = orjson.loads
-            with map_upstream_errors(self.name, self.secrets):
-                async for chunk in response.aiter_raw():
-                    for block in decoder.feed(chunk):
-                        # fast path for Anthropic's two-line events: "event: name\ndata: {...}"
-                        start = block.find(b"data: ")
-                        if start >= 0 and block.find(b"\n", start) == -1:
-                            data = block[start + 6 :]
-                        else:
-                            _, data = parse_event(block)
-                        if not data:
-                            continue
-                        event = loads(data)
-                        if event.get("type") == "error":
-                            call.usage = translator.usage  # what was counted before the error
-                            raise upstream_stream_error(self.name, event, self.secrets)
-                        frame = translator.feed(event)
-                        if frame is not None:
-                            yield frame
-                        if translator.stopped:
-                            call.usage = translator.usage
-                            call.finish_reason = translator.finish_reason
-                            call.upstream_model = translator.model
-                            for last in translator.finish():
-                                yield last
-                            return
-            raise UpstreamProtocolError(
-                f"Provider '{self.name}' ended the stream before message_stop", provider=self.name
-            )
+                    async for chunk in response.aiter_raw():
+                        for block in decoder.feed(chunk):
+                            # fast path for Anthropic's two-line events: "event: name\ndata: {...}"
+                            start = block.find(b"data: ")
+                            if start >= 0 and block.find(b"\n", start) == -1:
+                                data = block[start + 6 :]
+                            else:
+                                _, data = parse_event(block)
+                            if not data:
+                                continue
+                            event = loads(data)
+                            if event.get("type") == "error":
+                                call.usage = translator.usage  # what was counted before the error
+                                raise upstream_stream_error(self.name, event, self.secrets)
+                            frame = translator.feed(event)
+                            if frame is not None:
+                                yield frame
+                            if translator.stopped:
+                                call.usage = translator.usage
+                                call.finish_reason = translator.finish_reason
+                                call.upstream_model = translator.model
+                                for last in translator.finish():
+                                    yield last
+                                return
+                raise UpstreamProtocolError(
+                    f"Provider '{self.name}' ended the stream before message_stop", provider=self.name
+                )
         finally:
             if call.usage is None and translator is not None:
                 call.usage = translator.usage  # what was counted before the stream broke or the client left
-            await response.aclose()
 
     # ---- token counting ----------------------------------------------------------------------
 

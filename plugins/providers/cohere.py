@@ -222,7 +222,7 @@ class CohereProvider(Provider):
             secrets=self.secrets,
         )
 
-    def limit_headers(self, headers: httpx.Headers) -> dict[str, str]:
+    def captured_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         found = self.rate_limit_headers(headers)
         for key, value in headers.items():
             if key.lower().startswith(_LIMIT_HEADERS):
@@ -235,7 +235,7 @@ class CohereProvider(Provider):
                 f"{self.base_url}{path}", content=orjson.dumps(payload), headers=self.headers
             )
             raw = await response.aread()
-        call.response_headers = self.limit_headers(response.headers)
+        call.response_headers = self.captured_headers(response.headers)
         self.raise_for_status(response, raw)
         with map_upstream_errors(self.name, self.secrets):
             data = orjson.loads(raw)
@@ -309,21 +309,11 @@ class CohereProvider(Provider):
     async def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         self._check(call)
         payload = self.translate(call.body, stream=True)
-        request = self.http.build_request(
-            "POST", f"{self.base_url}/v2/chat", content=orjson.dumps(payload), headers=self.stream_headers
-        )
-        with map_upstream_errors(self.name, self.secrets):
-            response = await self.http.send(request, stream=True)
-        try:
-            call.response_headers = self.limit_headers(response.headers)
-            if response.status_code >= 400:
-                with map_upstream_errors(self.name, self.secrets):
-                    raw = await response.aread()
-                self.raise_for_status(response, raw)
+        async with self.streaming(
+            call, f"{self.base_url}/v2/chat", content=orjson.dumps(payload), headers=self.stream_headers
+        ) as response:
             async for frame in self._relay(response, call):
                 yield frame
-        finally:
-            await response.aclose()
 
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
         state = _Stream()

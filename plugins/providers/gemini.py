@@ -561,25 +561,14 @@ class GeminiProvider(Provider):
     async def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         self._check(call)
         payload = self.translate(call.body)
-        request = self.http.build_request(
-            "POST",
-            self.url(call.deployment.model, "streamGenerateContent"),
-            params={"alt": "sse"},
+        async with self.streaming(
+            call,
+            self.url(call.deployment.model, "streamGenerateContent") + "?alt=sse",
             content=orjson.dumps(payload),
             headers=self.stream_headers,
-        )
-        with map_upstream_errors(self.name, self.secrets):
-            response = await self.http.send(request, stream=True)
-        try:
-            call.response_headers = self.rate_limit_headers(response.headers)
-            if response.status_code >= 400:
-                with map_upstream_errors(self.name, self.secrets):
-                    raw = await response.aread()
-                self.raise_for_status(response, raw)
+        ) as response:
             async for frame in self._relay(response, call):
                 yield frame
-        finally:
-            await response.aclose()
 
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
         state = _Stream()

@@ -242,25 +242,15 @@ class MistralProvider(OpenAIProvider):
     async def _stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
         # like OpenAIProvider._stream, without stream_options (Mistral refuses it and always sends usage)
         call.body["stream"] = True
-        request = self.http.build_request(
-            "POST",
+        async with self.streaming(
+            call,
             self.url(path, call.deployment.model),
             content=orjson.dumps(call.body),
             headers={**self.request_headers(call), "accept": "text/event-stream"},
             params=self.params or None,
-        )
-        with map_upstream_errors(self.name, self.secrets):
-            response = await self.http.send(request, stream=True)
-        try:
-            call.response_headers = self.rate_limit_headers(response.headers)
-            if response.status_code >= 400:
-                with map_upstream_errors(self.name, self.secrets):
-                    error_body = await response.aread()
-                self.raise_for_status(response, error_body)
+        ) as response:
             async for frame_ in self._relay(response, call):
                 yield frame_
-        finally:
-            await response.aclose()
 
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
         decoder = SSEDecoder()

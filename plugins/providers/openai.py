@@ -19,7 +19,7 @@ import orjson
 
 from llmgateway.core.errors import UpstreamProtocolError, error_from_upstream_status, map_upstream_errors
 from llmgateway.core.hookspecs import hookimpl
-from llmgateway.core.http import open_stream, post_bytes
+from llmgateway.core.http import post_bytes
 from llmgateway.core.provider import (
     MODEL_FIELD,
     Provider,
@@ -150,24 +150,15 @@ class OpenAIProvider(Provider):
         body["stream_options"] = (
             {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         )
-        with map_upstream_errors(self.name, self.secrets):
-            response = await open_stream(
-                self.http,
-                self.url(path, call.deployment.model),
-                content=orjson.dumps(body),
-                headers={**self.request_headers(call), "accept": "text/event-stream"},
-                params=self.params or None,
-            )
-        try:
-            call.response_headers = self.rate_limit_headers(response.headers)
-            if response.status_code >= 400:
-                with map_upstream_errors(self.name, self.secrets):
-                    error_body = await response.aread()
-                self.raise_for_status(response, error_body)
+        async with self.streaming(
+            call,
+            self.url(path, call.deployment.model),
+            content=orjson.dumps(body),
+            headers={**self.request_headers(call), "accept": "text/event-stream"},
+            params=self.params or None,
+        ) as response:
             async for frame in self._relay(response, call):
                 yield frame
-        finally:
-            await response.aclose()
 
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
         """Forward the upstream's frames; the frames of one upstream read go out as one item.
