@@ -146,6 +146,8 @@ class Runner:
         if self.upstream is not None:
             self.upstream.stop()
             self.upstream = None
+        for path in self.workdir.glob("bench.db*"):  # the soak leaves hundreds of MB of usage rows
+            path.unlink()
 
     # ---- one load phase ---------------------------------------------------------------------
 
