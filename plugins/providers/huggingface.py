@@ -69,7 +69,7 @@ from llmgateway.core.provider import (
     UpstreamCall,
     estimate_tokens,
 )
-from llmgateway.core.sse import SSEDecoder, frame, parse_event
+from llmgateway.core.sse import frame
 from llmgateway.core.types import Usage
 from llmgateway.plugins.providers._openai_format import (
     embedding_inputs,
@@ -225,33 +225,11 @@ class HuggingFaceProvider(OpenAIProvider):
             async for out in super()._relay(response, call):
                 yield out
             return
-        decoder = SSEDecoder()
-        state = _StreamState()
-        try:
-            with map_upstream_errors(self.name, self.secrets):
-                async for chunk in response.aiter_raw():
-                    for block in decoder.feed(chunk):
-                        _, data = parse_event(block)
-                        if not data:
-                            continue
-                        if data == b"[DONE]":
-                            for out in self._finish(call, state):
-                                yield out
-                            return
-                        parsed = orjson.loads(data)
-                        if not isinstance(parsed, dict):
-                            raise UpstreamProtocolError(
-                                f"Provider '{self.name}' sent a non-object chunk", provider=self.name
-                            )
-                        if "choices" not in parsed and "error" in parsed:
-                            raise self._stream_error(data)
-                        for out in self._chunk(parsed, call, state):
-                            yield out
-            raise UpstreamProtocolError(
-                f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
-            )
-        finally:
-            self._finish_usage(call, state.text)  # a cut or abandoned stream still bills its text
+        async for out in self._relay_parsed(response, call):
+            yield out
+
+    def _new_state(self) -> _StreamState:
+        return _StreamState()
 
     def _chunk(self, parsed: dict[str, Any], call: UpstreamCall, state: _StreamState) -> list[bytes]:
         out: list[bytes] = []

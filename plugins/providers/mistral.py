@@ -47,14 +47,13 @@ from llmgateway.core.errors import (
     UpstreamProtocolError,
     error_from_upstream_status,
     error_message_from_body,
-    map_upstream_errors,
 )
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.provider import (
     Provider,
     UpstreamCall,
 )
-from llmgateway.core.sse import SSEDecoder, frame, parse_event
+from llmgateway.core.sse import frame
 from llmgateway.core.types import Usage
 from llmgateway.plugins.providers._openai_format import encode_embedding
 from llmgateway.plugins.providers.openai import OpenAIProvider, StreamState
@@ -252,34 +251,11 @@ class MistralProvider(OpenAIProvider):
             async for frame_ in self._relay(response, call):
                 yield frame_
 
-    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
-        decoder = SSEDecoder()
-        state = _StreamState()
-        try:
-            with map_upstream_errors(self.name, self.secrets):
-                async for chunk in response.aiter_raw():
-                    for block in decoder.feed(chunk):
-                        _, data = parse_event(block)
-                        if not data:
-                            continue
-                        if data == b"[DONE]":
-                            for out in self._finish(call, state):
-                                yield out
-                            return
-                        parsed = orjson.loads(data)
-                        if not isinstance(parsed, dict):
-                            raise UpstreamProtocolError(
-                                f"Provider '{self.name}' sent a non-object chunk", provider=self.name
-                            )
-                        if "choices" not in parsed and ("error" in parsed or parsed.get("object") == "error"):
-                            raise self._stream_error(data)
-                        for out in self._chunk(parsed, call, state):
-                            yield out
-            raise UpstreamProtocolError(
-                f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
-            )
-        finally:
-            self._finish_usage(call, state.text)  # a cut or abandoned stream still bills its text
+    def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+        return self._relay_parsed(response, call)
+
+    def _new_state(self) -> _StreamState:
+        return _StreamState()
 
     def _chunk(self, parsed: dict[str, Any], call: UpstreamCall, state: _StreamState) -> list[bytes]:
         out: list[bytes] = []

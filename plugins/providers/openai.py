@@ -228,6 +228,44 @@ class OpenAIProvider(Provider):
         finally:
             self._finish_usage(call, text)
 
+    async def _relay_parsed(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+        """The relay for OpenAI-like servers whose chunks need changing (Mistral, TGI): every chunk is
+        parsed and handed to :meth:`_chunk` with the stream's state from :meth:`_new_state`."""
+        decoder = SSEDecoder()
+        state = self._new_state()
+        try:
+            with map_upstream_errors(self.name, self.secrets):
+                async for chunk in response.aiter_raw():
+                    for block in decoder.feed(chunk):
+                        _, data = parse_event(block)
+                        if not data:
+                            continue
+                        if data == b"[DONE]":
+                            for out in self._finish(call, state):
+                                yield out
+                            return
+                        parsed = orjson.loads(data)
+                        if not isinstance(parsed, dict):
+                            raise UpstreamProtocolError(
+                                f"Provider '{self.name}' sent a non-object chunk", provider=self.name
+                            )
+                        if "choices" not in parsed and ("error" in parsed or parsed.get("object") == "error"):
+                            raise self._stream_error(data)
+                        for out in self._chunk(parsed, call, state):
+                            yield out
+            raise UpstreamProtocolError(
+                f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
+            )
+        finally:
+            self._finish_usage(call, state.text)  # a cut or abandoned stream still bills its text
+
+    def _new_state(self) -> StreamState:
+        return StreamState()
+
+    def _chunk(self, parsed: dict[str, Any], call: UpstreamCall, state: Any) -> list[bytes]:
+        """One parsed chunk in, the OpenAI frames to send out (for :meth:`_relay_parsed`)."""
+        raise NotImplementedError
+
     def _usage_frame(self, call: UpstreamCall, state: StreamState, usage: dict[str, Any]) -> bytes:
         """The usage-only chunk (empty ``choices``) of a translated stream."""
         state.usage_sent = True
