@@ -33,12 +33,10 @@ backend forgets a period's counters once the period is over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,7 +49,7 @@ from llmgateway.core.provider import estimate_prompt_tokens
 from llmgateway.core.types import Deployment, ModelGroup, RequestContext
 
 from .limits import IdentityLimits, Limits, LimitsResolver, orm_ready
-from .redis_util import Script, ScriptClient, redis_errors, transient
+from .redis_util import BackgroundBatches, Script, ScriptClient, close_redis, redis_errors, redis_options, transient
 
 if TYPE_CHECKING:
     from llmgateway.core.app import Gateway
@@ -100,6 +98,9 @@ class Budget:
     @property
     def name(self) -> str:
         return f"{self.level}:{self.ident}:{self.period_id}"
+
+
+Settlement = tuple[list[Budget], str, int]  # (its budgets, the request, its cost: 0 releases a reservation)
 
 
 def reservation_for(ctx: RequestContext, deployments: list[Deployment], default_max_output: int) -> int:
@@ -268,12 +269,17 @@ class RedisBudgets:
         self._reserve = Script(client, RESERVE_LUA)
         self._settle = Script(client, SETTLE_LUA)
         self._seed = Script(client, SEED_LUA)
-        self._queue: deque[tuple[list[Budget], str, int]] = deque()
-        self._sending = 0
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._closing = False
-        self._on_error = on_error
+        self._batches: BackgroundBatches[Settlement] = BackgroundBatches(
+            self._send,
+            name="budgets-settle",
+            batch_size=500,  # pipelined
+            cap=MAX_QUEUED,
+            trim="on_add",
+            on_error=on_error,
+            on_drop=self._dropped,
+            on_change=self._count,
+            on_unsent=self._unsent,
+        )
         self.stats = stats if stats is not None else {}
         self.stats.setdefault("settles_queued", 0)
         self.stats.setdefault("settles_pending", 0)
@@ -305,79 +311,39 @@ class RedisBudgets:
 
     def settle_later(self, budgets: list[Budget], member: str, cost: int) -> None:
         """Settle in the background, retrying until Redis takes it (cost 0: a release)."""
-        if len(self._queue) >= MAX_QUEUED:
-            self._queue.popleft()
-            self.stats["settles_dropped"] += 1
-            log.warning("budgets: %d settlements wait for Redis; dropping the oldest", MAX_QUEUED)
-        self._queue.append((budgets, member, cost))
         self.stats["settles_queued"] += 1
-        self._count()
-        if self._flusher is None and not self._closing:
-            self._flusher = asyncio.create_task(self._flush_forever(), name="budgets-settle")
-        self._wake.set()
+        self._batches.add((budgets, member, cost))
+
+    def _dropped(self, count: int) -> None:
+        self.stats["settles_dropped"] += count
+        log.warning("budgets: %d settlements wait for Redis; dropping the oldest", MAX_QUEUED)
+
+    def _unsent(self, count: int) -> None:
+        log.warning("budgets: %d settlements could not reach Redis before shutdown", count)
 
     def _count(self) -> None:
-        self.stats["settles_pending"] = len(self._queue) + self._sending
+        self.stats["settles_pending"] = self._batches.pending
+
+    async def _send(self, batch: list[Settlement]) -> list[tuple[Settlement, BaseException]]:
+        """Settle a batch (pipelined); returns what failed for a passing reason (the rest is dropped, and logged)."""
+        results = await asyncio.gather(*[self.settle(*item) for item in batch], return_exceptions=True)
+        again: list[tuple[Settlement, BaseException]] = []
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                if transient(result):
+                    again.append((item, result))
+                else:
+                    self.stats["settles_dropped"] += 1
+                    log.warning("budgets: Redis refused a settlement: %s", type(result).__name__)
+        return again
 
     async def flush(self) -> None:
         """Send what is queued (500 at a time, pipelined); what failed for a passing reason stays queued."""
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(500, len(self._queue)))]
-            self._sending = len(batch)
-            try:
-                results = await asyncio.gather(*[self.settle(*item) for item in batch], return_exceptions=True)
-            except BaseException:  # cancelled: keep everything (settling twice counts once)
-                self._queue.extendleft(reversed(batch))
-                raise
-            finally:
-                self._sending = 0
-                self._count()
-            again = []
-            error: BaseException | None = None
-            for item, result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    if transient(result):
-                        again.append(item)
-                        error = result
-                    else:
-                        self.stats["settles_dropped"] += 1
-                        log.warning("budgets: Redis refused a settlement: %s", type(result).__name__)
-            if again:
-                self._queue.extendleft(reversed(again))
-                self._count()
-                assert error is not None
-                raise error
-
-    async def _flush_forever(self) -> None:
-        while not self._closing:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.flush()
-            except Exception as exc:  # kept for the next try
-                task = asyncio.current_task()
-                if self._closing or (task is not None and task.cancelling()):
-                    return
-                if self._on_error is not None:
-                    self._on_error(exc)
-                await asyncio.sleep(1.0)
-                self._wake.set()
+        await self._batches.flush()
 
     async def aclose(self) -> None:
         """Stop the background task, then send what is still queued (for two seconds at most)."""
-        timeout = 2.0
-        self._closing = True
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            self._wake.set()
-            flusher.cancel()
-            await asyncio.wait({flusher}, timeout=timeout)
-        if self._queue:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(timeout):
-                    await self.flush()
-        if self._queue:
-            log.warning("budgets: %d settlements could not reach Redis before shutdown", len(self._queue))
+        await self._batches.aclose()
 
 
 class Unseeded(Exception):
@@ -445,16 +411,7 @@ class BudgetsPlugin:
     @hookimpl
     def llmgateway_configure(self, config: GatewayConfig) -> None:
         section = config.section("budgets")
-        self.backend_name = section.choice("backend", ("memory", "redis"), "memory")
-        self.redis_url = section.opt_string("redis_url")
-        if self.backend_name == "redis" and not self.redis_url:
-            raise section.error("redis_url", 'is required when backend = "redis"')
-        if self.redis_url:
-            try:
-                ScriptClient(self.redis_url, timeout=1.0)
-            except ValueError as exc:
-                raise section.error("redis_url", str(exc)) from None
-        self.key_prefix = section.string("key_prefix", "llmgateway:")
+        self.backend_name, self.redis_url, self.key_prefix = redis_options(section)
         self.redis_timeout = section.number("redis_timeout", 1.0, minimum=0.001)
         self.on_redis_error = section.choice("on_redis_error", ("refuse", "local", "allow"), "refuse")
         self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
@@ -483,12 +440,9 @@ class BudgetsPlugin:
 
     @hookimpl
     async def llmgateway_shutdown(self, gateway: Gateway) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-            self.redis = None
+        await close_redis(self.redis, self._client)
+        self._client = None
+        self.redis = None
 
     def budgets(self, ctx: RequestContext, limits: IdentityLimits) -> list[Budget]:
         principal = ctx.principal

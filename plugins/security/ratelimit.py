@@ -26,8 +26,6 @@ Responses carry OpenAI's headers: ``x-ratelimit-limit-requests``, ``x-ratelimit-
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -43,7 +41,7 @@ from llmgateway.core.provider import estimate_prompt_tokens
 from llmgateway.core.types import RequestContext
 
 from .limits import IdentityLimits, Limits, LimitsResolver
-from .redis_util import Script, ScriptClient, redis_errors
+from .redis_util import BackgroundBatches, Script, ScriptClient, close_redis, redis_errors, redis_options
 
 if TYPE_CHECKING:
     from llmgateway.core.app import Gateway
@@ -367,6 +365,9 @@ def _pack(values: list[Any]) -> str:
     return "".join(f"{str(v).replace(SEP, '?')}{SEP}" for v in values)
 
 
+Finished = tuple[str, str, int, int]  # (request, scope, real tokens or -1, release the slot 1/0)
+
+
 class RedisBackend:
     """Admissions are one script call each, on the request path. Finished requests are queued and
     sent in batches by a background task (one script call for everything finished meanwhile), off
@@ -379,11 +380,14 @@ class RedisBackend:
         self.prefix = prefix
         self._admit = Script(client, ADMIT_LUA)
         self._finish = Script(client, FINISH_LUA)
-        self._queue: list[Any] = []
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._closing = False
-        self._on_error = on_error
+        self._batches: BackgroundBatches[Finished] = BackgroundBatches(
+            self._send,
+            name="ratelimit-finish",
+            batch_size=500,  # one script call
+            cap=MAX_QUEUED,
+            trim="after_failure",  # beyond this the oldest rely on lease expiry
+            on_error=on_error,  # leases expire anyway should Redis stay away
+        )
 
     def keys(self, scope: Scope) -> list[str]:
         base = f"{self.prefix}rl:{scope.name}"
@@ -403,14 +407,13 @@ class RedisBackend:
         return Verdict(True, remaining=remaining)
 
     def finish_later(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
+        finished: list[Finished] = []
         for scope in scopes:
             adjust = tokens if tokens is not None and scope.logs else NONE
             release = 1 if scope.rule.max_parallel is not None else 0
             if adjust != NONE or release:
-                self._queue += [member, scope.name, adjust, release]
-        if self._flusher is None and not self._closing:
-            self._flusher = asyncio.create_task(self._flush_forever(), name="ratelimit-finish")
-        self._wake.set()
+                finished.append((member, scope.name, adjust, release))
+        self._batches.add(*finished)
 
     async def finish(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
         """Finish one request now (the batch path is :meth:`finish_later`)."""
@@ -419,43 +422,15 @@ class RedisBackend:
 
     async def flush(self) -> None:
         """Send everything queued; what could not be sent stays queued (finishing twice is harmless)."""
-        batch, self._queue = self._queue, []
-        step = 4 * 500
-        for start in range(0, len(batch), step):
-            try:
-                await self._finish([], [self.prefix, _pack(batch[start : start + step])])
-            except BaseException:
-                self._queue = (batch[start:] + self._queue)[-4 * MAX_QUEUED :]
-                raise
+        await self._batches.flush()
 
-    async def _flush_forever(self) -> None:
-        while not self._closing:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.flush()
-            except Exception as exc:  # kept for the next try; leases expire anyway should Redis stay away
-                task = asyncio.current_task()
-                if self._closing or (task is not None and task.cancelling()):
-                    return  # redis-py may turn a cancellation into a connection error
-                if self._on_error is not None:
-                    self._on_error(exc)
-                await asyncio.sleep(1.0)
-                self._wake.set()
+    async def _send(self, batch: list[Finished]) -> list[tuple[Finished, BaseException]]:
+        await self._finish([], [self.prefix, _pack([value for item in batch for value in item])])
+        return []  # all or nothing: a failure raises
 
     async def aclose(self) -> None:
         """Stop the background task, then send what is still queued (for two seconds at most)."""
-        timeout = 2.0
-        self._closing = True
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            self._wake.set()
-            flusher.cancel()
-            await asyncio.wait({flusher}, timeout=timeout)
-        if self._queue:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(timeout):
-                    await self.flush()
+        await self._batches.aclose()
 
 
 def _arg(value: int | None) -> int:
@@ -497,16 +472,7 @@ class RateLimitPlugin:
     @hookimpl
     def llmgateway_configure(self, config: GatewayConfig) -> None:
         section = config.section("ratelimit")
-        self.backend_name = section.choice("backend", ("memory", "redis"), "memory")
-        self.redis_url = section.opt_string("redis_url")
-        if self.backend_name == "redis" and not self.redis_url:
-            raise section.error("redis_url", 'is required when backend = "redis"')
-        if self.redis_url:
-            try:
-                ScriptClient(self.redis_url, timeout=1.0)
-            except ValueError as exc:
-                raise section.error("redis_url", str(exc)) from None
-        self.key_prefix = section.string("key_prefix", "llmgateway:")
+        self.backend_name, self.redis_url, self.key_prefix = redis_options(section)
         self.redis_timeout = section.number("redis_timeout", 0.5, minimum=0.001)
         self.on_redis_error = section.choice("on_redis_error", ("local", "allow"), "local")
         self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
@@ -538,12 +504,9 @@ class RateLimitPlugin:
 
     @hookimpl
     async def llmgateway_shutdown(self, gateway: Gateway) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-            self.redis = None
+        await close_redis(self.redis, self._client)
+        self._client = None
+        self.redis = None
 
     def scopes(self, ctx: RequestContext, limits: IdentityLimits, tokens: int) -> list[Scope]:
         principal = ctx.principal

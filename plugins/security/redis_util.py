@@ -13,18 +13,26 @@ closes the connection, so the next call reconnects (and finds the new primary be
 Anything else (pub/sub, tools) uses redis-py through :func:`make_redis`.
 
 Every failure is raised as something in :func:`redis_errors` — callers catch exactly that and fall
-back; Redis trouble must never become a 5xx or a hung request.
+back; Redis trouble must never become a 5xx or a hung request. Work that may wait (finished requests,
+settlements) goes through :class:`BackgroundBatches`: queued, sent in batches by one background task,
+retried until Redis takes it. :func:`redis_options` and :func:`close_redis` are the configuration and
+the shutdown that the plugins keeping counters in Redis share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import ssl
 from collections import deque
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from llmgateway.core.config import Section
 
 REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 
@@ -299,3 +307,163 @@ class Script:
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         return await self.client.script(self.source, self.sha, keys, args)
+
+
+# ---- shared by the plugins that keep counters in Redis --------------------------------------
+
+
+def redis_options(section: Section) -> tuple[str, str | None, str]:
+    """``backend`` (memory or redis), ``redis_url`` (required by the redis backend; a URL that
+    :class:`ScriptClient` refuses is a config error naming it) and ``key_prefix`` of a plugin's section."""
+    backend = section.choice("backend", ("memory", "redis"), "memory")
+    url = section.opt_string("redis_url")
+    if backend == "redis" and not url:
+        raise section.error("redis_url", 'is required when backend = "redis"')
+    if url:
+        try:
+            ScriptClient(url, timeout=1.0)
+        except ValueError as exc:
+            raise section.error("redis_url", str(exc)) from None
+    return backend, url, section.string("key_prefix", "llmgateway:")
+
+
+class _Closes(Protocol):
+    async def aclose(self) -> None: ...
+
+
+async def close_redis(backend: _Closes | None, client: _Closes | None) -> None:
+    """A plugin's shutdown: its Redis backend first (it sends what it still has queued), then the connection."""
+    if backend is not None:
+        await backend.aclose()
+    if client is not None:
+        await client.aclose()
+
+
+T = TypeVar("T")
+
+
+class BackgroundBatches(Generic[T]):
+    """Work for Redis that need not be done on the request path: queued, and sent in batches by one
+    background task (started by the first :meth:`add`, woken by every one).
+
+    ``send`` sends one batch (the oldest ``batch_size`` items at most) and returns the items that
+    failed for a passing reason, each with its error; if it raises, the whole batch failed. What
+    failed goes back to the front of the queue, so sending an item twice must be harmless, and the
+    task reports the error to ``on_error`` and tries again a second later. The queue keeps ``cap``
+    items at most, dropping the oldest (``on_drop`` is told how many): when an item is added to a full
+    queue (``trim="on_add"``), or once a send has failed (``trim="after_failure"``: a backlog may grow
+    while Redis is slow but answering). ``on_change`` is called after :attr:`pending` may have changed.
+
+    :meth:`aclose` stops the task, then sends what is still queued, for two seconds at most;
+    ``on_unsent`` is told how many items were left unsent.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[T]], Awaitable[list[tuple[T, BaseException]]]],
+        *,
+        name: str,
+        batch_size: int,
+        cap: int,
+        trim: Literal["on_add", "after_failure"],
+        on_error: Callable[[BaseException], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
+        on_change: Callable[[], None] | None = None,
+        on_unsent: Callable[[int], None] | None = None,
+    ) -> None:
+        self.queue: deque[T] = deque()
+        self.sending = 0  # items of the batch being sent
+        self._send = send
+        self._name = name
+        self._batch_size = batch_size
+        self._cap = cap
+        self._trim = trim
+        self._on_error = on_error
+        self._on_drop = on_drop
+        self._on_change = on_change
+        self._on_unsent = on_unsent
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def pending(self) -> int:
+        """Items not yet sent: queued, or in the batch being sent."""
+        return len(self.queue) + self.sending
+
+    def add(self, *items: T) -> None:
+        """Queue ``items`` and wake the background task (started here the first time)."""
+        for item in items:
+            if self._trim == "on_add" and len(self.queue) >= self._cap:
+                self.queue.popleft()
+                if self._on_drop is not None:
+                    self._on_drop(1)
+            self.queue.append(item)
+        self._changed()
+        if self._flusher is None and not self._closing:
+            self._flusher = asyncio.create_task(self._flush_forever(), name=self._name)
+        self._wake.set()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    def _requeue(self, items: list[T]) -> None:
+        self.queue.extendleft(reversed(items))
+        if self._trim == "after_failure" and len(self.queue) > self._cap:
+            dropped = len(self.queue) - self._cap
+            for _ in range(dropped):
+                self.queue.popleft()
+            if self._on_drop is not None:
+                self._on_drop(dropped)
+
+    async def flush(self) -> None:
+        """Send what is queued, a batch at a time; what failed (or was cancelled) stays queued, and
+        the error is raised."""
+        queue = self.queue
+        while queue:
+            batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
+            self.sending = len(batch)
+            try:
+                failed = await self._send(batch)
+            except BaseException:  # cancelled too: keep everything (sending twice is harmless)
+                self._requeue(batch)
+                raise
+            finally:
+                self.sending = 0
+                self._changed()
+            if failed:
+                self._requeue([item for item, _ in failed])
+                self._changed()
+                raise failed[-1][1]
+
+    async def _flush_forever(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception as exc:  # kept for the next try
+                task = asyncio.current_task()
+                if self._closing or (task is not None and task.cancelling()):
+                    return  # redis-py may turn a cancellation into a connection error
+                if self._on_error is not None:
+                    self._on_error(exc)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop the background task, then send what is still queued (for two seconds at most)."""
+        timeout = 2.0
+        self._closing = True
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            self._wake.set()
+            flusher.cancel()
+            await asyncio.wait({flusher}, timeout=timeout)
+        if self.queue:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout):
+                    await self.flush()
+        if self.queue and self._on_unsent is not None:
+            self._on_unsent(len(self.queue))
