@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
+
 from . import report
 from .runner import Runner, Settings, machine_info
 from .scenarios import FEATURES, Chain, Env, detect_full_chain, parse_features, variant_features
@@ -63,12 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="also run a soak for RSS growth")
     run.add_argument("--profile", action="store_true", help="py-spy record the gateway under load")
     run.add_argument("--out", type=Path, default=HERE / "results", help="where latest.{md,json,png} go")
+    again = sub.add_parser("report", help="re-render latest.md and latest.png from latest.json")
+    again.add_argument("--out", type=Path, default=HERE / "results")
     return parser
+
+
+def rerender(out: Path) -> int:
+    data = orjson.loads((out / "latest.json").read_bytes())
+    settings = data["settings"]
+    data["summary"] = report.summarize(data["results"], settings["concurrency"], settings["stream_concurrency"])
+    (out / "latest.md").write_text(report.markdown(data))
+    report.write_json(data, out / "latest.json")
+    png = report.chart(data, out / "latest.png")
+    print(f"written: {out / 'latest.md'}, {out / 'latest.json'}" + (f", {out / 'latest.png'}" if png else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return rerender(args.out)
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

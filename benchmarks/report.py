@@ -219,43 +219,66 @@ def chart(data: dict[str, Any], path: Path) -> bool:
         "#999999" if v["kind"] == "direct" else "#d62728" if v["kind"] == "litellm" else "#1f77b4" for _, v in rows
     ]
 
-    def values(phase: str, field: str) -> list[float]:
-        return [float((v["phases"].get(phase) or {}).get(field) or 0.0) for _, v in rows]
+    def values(phase: str, field: str) -> list[float | None]:
+        out: list[float | None] = []
+        for _, v in rows:
+            value = (v["phases"].get(phase) or {}).get(field)
+            out.append(float(value) if value is not None else None)
+        return out
+
+    def added(phase: str, field: str, base: float) -> list[float | None]:
+        return [
+            None if x is None or v["kind"] == "direct" else max(0.0, x - base)
+            for x, (_, v) in zip(values(phase, field), rows, strict=True)
+        ]
 
     d50 = _get(results, "direct", "plain_c1", "p50_ms") or 0.0
     dttft = _get(results, "direct", "stream_c1", "ttft_p50_ms") or 0.0
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     panels = [
-        (axes[0][0], values(f"plain_c{c}", "rps"), f"requests/s at {c} connections (higher is better)", "{:,.0f}"),
-        (axes[0][1], values(f"stream_c{sc}", "rps"), f"streams/s at {sc} concurrent (higher is better)", "{:,.0f}"),
+        (
+            axes[0][0],
+            values(f"plain_c{c}", "rps"),
+            f"requests/s at {c} connections (log scale; higher is better)",
+            "{:,.0f}",
+            True,
+        ),
+        (
+            axes[0][1],
+            values(f"stream_c{sc}", "rps"),
+            f"streams/s at {sc} concurrent (log scale; higher is better)",
+            "{:,.0f}",
+            True,
+        ),
         (
             axes[1][0],
-            [
-                max(0.0, x - d50) if v["kind"] != "direct" else 0.0
-                for x, (_, v) in zip(values("plain_c1", "p50_ms"), rows, strict=True)
-            ],
+            added("plain_c1", "p50_ms", d50),
             "added p50 latency at 1 connection, ms (lower is better)",
             "{:.2f}",
+            False,
         ),
         (
             axes[1][1],
-            [
-                max(0.0, x - dttft) if v["kind"] != "direct" else 0.0
-                for x, (_, v) in zip(values("stream_c1", "ttft_p50_ms"), rows, strict=True)
-            ],
+            added("stream_c1", "ttft_p50_ms", dttft),
             "time-to-first-token overhead, ms (lower is better)",
             "{:.2f}",
+            False,
         ),
     ]
-    for ax, vals, title, pattern in panels:
-        bars = ax.barh(range(len(rows)), vals, color=colors)
+    for ax, vals, title, pattern, log in panels:
+        shown = [v if v is not None else 0.0 for v in vals]
+        bars = ax.barh(range(len(rows)), shown, color=colors)
+        if log:
+            ax.set_xscale("log")
         ax.set_yticks(range(len(rows)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
-        for bar, v in zip(bars, vals, strict=True):
-            ax.text(
-                bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + pattern.format(v), va="center", fontsize=8
-            )
+        for bar, v, (_, row) in zip(bars, vals, rows, strict=True):
+            text = " " + pattern.format(v) if v is not None else " not measured"
+            if v is None and row["kind"] == "direct":
+                text = " (the baseline)"
+            x = bar.get_width() if v else (1 if log else 0)
+            ax.text(x, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
         ax.margins(x=0.18)
     fig.suptitle(
         f"llmgateway vs LiteLLM — {data['machine']['nproc']} CPUs, canned upstream, {data['started_at']}", fontsize=12
