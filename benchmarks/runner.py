@@ -146,8 +146,10 @@ class Runner:
         if self.upstream is not None:
             self.upstream.stop()
             self.upstream = None
-        for path in self.workdir.glob("bench.db*"):  # the soak leaves hundreds of MB of usage rows
-            path.unlink()
+        # the soak leaves hundreds of MB of usage rows (database files, the write-behind spool)
+        for pattern in ("bench.db*", "llmgateway.db*", "llmgateway-spool/*"):
+            for path in self.workdir.glob(pattern):
+                path.unlink()
 
     # ---- one load phase ---------------------------------------------------------------------
 
