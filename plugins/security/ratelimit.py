@@ -559,14 +559,15 @@ class RateLimitPlugin:
         ctx.on_finish.append(finish)
 
     async def _admit(self, member: str, scopes: list[Scope]) -> tuple[str, Verdict]:
-        if self.redis is not None:
+        redis = self.redis  # shutdown may clear self.redis while this request awaits
+        if redis is not None:
             if time.monotonic() >= self._redis_down_until:
                 try:
-                    return "redis", await self.redis.admit(member, scopes, self.lease_ms)
+                    return "redis", await redis.admit(member, scopes, self.lease_ms)
                 except redis_errors() as exc:
                     self._redis_failed(exc)
                     # the script may have run without its answer reaching us: free the slots it may hold
-                    self.redis.finish_later(member, scopes, None)
+                    redis.finish_later(member, scopes, None)
             if self.on_redis_error == "allow":
                 self.stats["allowed_without_redis"] += 1
                 return "none", Verdict(True, remaining=[(NONE, 0, NONE, 0)] * len(scopes))
