@@ -519,8 +519,13 @@ async def _pump(
     out = ingress.stream(ctx, source) if ingress is not None else source
 
     async def forward() -> GatewayError | str:
+        watchers = ctx.stream_watchers
         try:
             async for chunk in out:
+                for watcher in watchers:
+                    stop = watcher(chunk)
+                    if stop is not None:
+                        raise stop
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except GatewayError as error:
             event = ingress.error_event(error) if ingress is not None else error.sse_event()

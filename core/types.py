@@ -8,9 +8,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.datastructures import Headers
+
+if TYPE_CHECKING:
+    from .errors import GatewayError
 
 Endpoint = Literal["chat.completions", "completions", "embeddings", "messages", "count_tokens"]
 
@@ -239,6 +242,9 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     on_finish: list[Callable[[RequestContext], Awaitable[None]]] = field(default_factory=list)
+    #: called with every chunk about to be forwarded to a streaming client (sync, keep it cheap);
+    #: a watcher that returns an error ends the stream with that error as its last event
+    stream_watchers: list[Callable[[bytes], GatewayError | None]] = field(default_factory=list)
 
     @property
     def deployment(self) -> Deployment | None:
