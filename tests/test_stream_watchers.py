@@ -1,0 +1,84 @@
+"""The core's stream watchers (``RequestContext.stream_watchers``): a plugin sees every chunk about to
+reach a streaming client, and one that returns an error ends the stream with that error as the last
+event (no ``[DONE]``), accounted with the error's status."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+
+from llmgateway.core.errors import GatewayError, RateLimitError
+from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.types import RequestContext
+from tests.conftest import GatewayFactory, Recorder, upstream_toml
+from tests.fakes.openai_server import FakeOpenAI
+from tests.test_openai_proxy import models
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+class ChunkWatcher:
+    """A tiny plugin: watches every stream, and ends it with a 429 after ``stop_after`` chunks."""
+
+    def __init__(self, stop_after: int | None) -> None:
+        self.stop_after = stop_after
+        self.seen: list[bytes] = []
+
+    @hookimpl
+    def llmgateway_prepare_request(self, ctx: RequestContext) -> None:
+        ctx.stream_watchers.append(self.watch)
+
+    def watch(self, chunk: bytes) -> GatewayError | None:
+        self.seen.append(chunk)
+        if self.stop_after is not None and len(self.seen) > self.stop_after:
+            return RateLimitError("Stopped by a watcher", code="watcher_stop")
+        return None
+
+
+async def stream(url: str) -> tuple[int, bytes]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=BODY) as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    return response.status_code, raw
+
+
+async def test_a_watcher_sees_every_chunk_the_client_gets(
+    upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory
+) -> None:
+    _, url = upstream
+    watcher = ChunkWatcher(stop_after=None)
+    async with serve_gateway(upstream_toml(url, models(("m", ["slow-5"]))), plugins={"watch": watcher}) as gw:
+        status, raw = await stream(gw)
+    assert status == 200
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert b"".join(watcher.seen) == raw
+
+
+async def test_a_watcher_returning_an_error_ends_the_stream_with_that_error(
+    upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory
+) -> None:
+    _, url = upstream
+    watcher = ChunkWatcher(stop_after=3)
+    recorder = Recorder()
+    toml = upstream_toml(url, models(("m", ["slow-5"])))
+    async with serve_gateway(toml, plugins={"watch": watcher, "rec": recorder}) as gw:
+        status, raw = await stream(gw)
+    assert status == 200  # the stream had started
+    # the three chunks let through, then the error event; the refused chunk is not sent
+    sent = b"".join(watcher.seen[:3])
+    assert raw.startswith(sent)
+    assert raw[len(sent) :].startswith(b"data: {")
+    assert raw.endswith(b"}\n\n")
+    assert b"[DONE]" not in raw
+    error = orjson.loads(raw[len(sent) :].removeprefix(b"data: "))["error"]
+    assert error == {
+        "message": "Stopped by a watcher",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "watcher_stop",
+    }
+    assert len(watcher.seen) == 4  # nothing more was read from the upstream after the stop
+    [record] = recorder.records
+    assert record.status == 429
+    assert record.error_code == "watcher_stop"
+    assert record.streamed
