@@ -463,3 +463,70 @@ async def test_slots_taken_by_an_admission_whose_answer_was_lost_are_released(
                     break
                 await asyncio.sleep(0.1)
             assert statuses == [200, 200]
+
+
+async def test_a_release_that_arrives_before_its_admission_leaves_a_marker_so_the_admission_takes_no_slot(
+    redis_prefix: str,
+) -> None:
+    """The admission's answer was lost and its slots released; Redis (behind a slow link) runs the
+    admission only after the release. It must not take a slot that nothing would free until the lease
+    expires, and releasing twice frees nobody else's slot."""
+    from llmgateway.plugins.security.ratelimit import RedisBackend, Rule, Scope
+    from llmgateway.plugins.security.redis_util import ScriptClient
+
+    client = ScriptClient(REDIS_URL, timeout=2)
+    backend = RedisBackend(client, redis_prefix, lease_ms=60_000)
+    scopes = [Scope("key:k1", Rule(max_parallel=1), 10)]
+    try:
+        await backend.finish("late", scopes, None)  # the release comes first
+        late = await backend.admit("late", scopes, 60_000)  # then the admission it was meant for
+        assert not late.admitted
+        assert (await backend.admit("next", scopes, 60_000)).admitted  # the one slot is still free
+        await backend.finish("late", scopes, None)  # released again: "next" keeps its slot
+        assert not (await backend.admit("third", scopes, 60_000)).admitted
+        await backend.finish("next", scopes, None)
+        await backend.finish("next", scopes, None)
+        assert (await backend.admit("fourth", scopes, 60_000)).admitted
+    finally:
+        await backend.aclose()
+        await client.aclose()
+
+
+async def test_finishing_a_request_twice_releases_its_slot_once(serve_gateway: GatewayFactory, backend: str) -> None:
+    """on_finish may run twice for a request (a disconnect, then a shutdown path): the second run is a no-op."""
+    from starlette.datastructures import Headers
+
+    from llmgateway.core.errors import RateLimitError
+    from llmgateway.core.types import RequestContext
+
+    toml = config(f"[ratelimit]\n{backend}[ratelimit.models.demo]\nmax_parallel = 1\n")
+    async with serve_gateway(toml):
+        plugin = serve_gateway.gateway.pm.get_plugin("ratelimit")  # type: ignore[attr-defined]
+        gateway = serve_gateway.gateway  # type: ignore[attr-defined]
+
+        def request(request_id: str) -> RequestContext:
+            ctx = RequestContext(
+                request_id=request_id,
+                endpoint="chat.completions",
+                body=chat("demo"),
+                headers=Headers(),
+                client_host=None,
+                path="/v1/chat/completions",
+            )
+            ctx.alias = "demo"
+            ctx.model_group = gateway.models["demo"]
+            return ctx
+
+        first = request("req-first")
+        await plugin.llmgateway_check_limits(first)
+        [finish_first] = first.on_finish
+        await finish_first(first)
+        if plugin.redis is not None:
+            await plugin.redis.flush()  # finished requests go to Redis in the background
+        second = request("req-second")
+        await plugin.llmgateway_check_limits(second)  # takes the one slot
+        await finish_first(first)  # the first request finished again
+        if plugin.redis is not None:
+            await plugin.redis.flush()
+        with pytest.raises(RateLimitError):
+            await plugin.llmgateway_check_limits(request("req-third"))

@@ -253,6 +253,8 @@ local prefix, member = ARGV[1], ARGV[2]
 local window, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
 local f = fields(ARGV[5])
 local n = #f / 5
+-- released already (its client gave up waiting for this answer, and released the slots): take nothing
+if redis.call('ZSCORE', prefix .. 'rl:released', member) then return {0, 1, 'released', 1000, 0} end
 for i = 1, n do
   local base = prefix .. 'rl:' .. f[5*i-4]
   local log, tok, conc = base .. ':log', base .. ':tok', base .. ':conc'
@@ -338,9 +340,16 @@ return out
 FINISH_LUA = (
     _FIELDS
     + """
--- finished requests, batched: (member, scope, real tokens or -1, release the slot 1/0) repeated
-local prefix = ARGV[1]
+-- finished requests, batched: (member, scope, real tokens or -1, release the slot 1/0) repeated.
+-- A release that finds no slot (released already, or its admission has not arrived yet: the client
+-- gave up waiting for its answer) leaves a marker until the lease would have expired, so a late
+-- admission takes no slot.
+local prefix, lease = ARGV[1], tonumber(ARGV[3])
 local f = fields(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local released = prefix .. 'rl:released'
+local marked = false
 for i = 1, #f / 4 do
   local member = f[4*i-3]
   local base = prefix .. 'rl:' .. f[4*i-2]
@@ -354,7 +363,14 @@ for i = 1, #f / 4 do
       if delta ~= 0 then redis.call('HINCRBY', tok, '_total', delta) end
     end
   end
-  if f[4*i] == '1' then redis.call('ZREM', base .. ':conc', member) end
+  if f[4*i] == '1' and redis.call('ZREM', base .. ':conc', member) == 0 then
+    redis.call('ZADD', released, now + lease, member)
+    marked = true
+  end
+end
+if marked then
+  redis.call('ZREMRANGEBYSCORE', released, '-inf', now)
+  redis.call('PEXPIRE', released, lease)
 end
 return 1
 """
@@ -374,10 +390,15 @@ class RedisBackend:
     the request path: a slot is free again a round trip after its request ended."""
 
     def __init__(
-        self, client: ScriptClient, prefix: str, on_error: Callable[[BaseException], None] | None = None
+        self,
+        client: ScriptClient,
+        prefix: str,
+        on_error: Callable[[BaseException], None] | None = None,
+        lease_ms: int = 660_000,
     ) -> None:
         self.client = client
         self.prefix = prefix
+        self.lease_ms = lease_ms
         self._admit = Script(client, ADMIT_LUA)
         self._finish = Script(client, FINISH_LUA)
         self._batches: BackgroundBatches[Finished] = BackgroundBatches(
@@ -425,7 +446,7 @@ class RedisBackend:
         await self._batches.flush()
 
     async def _send(self, batch: list[Finished]) -> list[tuple[Finished, BaseException]]:
-        await self._finish([], [self.prefix, _pack([value for item in batch for value in item])])
+        await self._finish([], [self.prefix, _pack([value for item in batch for value in item]), self.lease_ms])
         return []  # all or nothing: a failure raises
 
     async def aclose(self) -> None:
@@ -500,7 +521,9 @@ class RateLimitPlugin:
         gateway.state["ratelimit.stats"] = self.stats
         if self.backend_name == "redis" and self.redis_url:
             self._client = ScriptClient(self.redis_url, timeout=self.redis_timeout)
-            self.redis = RedisBackend(self._client, self.key_prefix, on_error=self._redis_failed)
+            self.redis = RedisBackend(
+                self._client, self.key_prefix, on_error=self._redis_failed, lease_ms=self.lease_ms
+            )
 
     @hookimpl
     async def llmgateway_shutdown(self, gateway: Gateway) -> None:
@@ -543,7 +566,13 @@ class RateLimitPlugin:
         if self.headers:
             ctx.response_headers.update(self._limit_headers(scopes, verdict))
 
+        released = False
+
         async def finish(ctx: RequestContext) -> None:
+            nonlocal released
+            if released:  # finished already (on_finish run twice): release nothing more
+                return
+            released = True
             usage = ctx.usage
             if not ctx.attempts:
                 actual: int | None = 0
