@@ -229,10 +229,15 @@ end
 """
 
 _PURGE = """
+-- drop the entries older than the window (their tokens leave the total); returns the oldest entry's
+-- time left, or nil for an empty log. One call when there is nothing to drop.
 local function purge(log, tok, now, window)
   while true do
+    local first = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+    if #first == 0 then return nil end
+    local oldest = tonumber(first[2])
+    if oldest > now - window then return oldest end
     local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 500)
-    if #old == 0 then return end
     local vals = redis.call('HMGET', tok, unpack(old))
     local sum = 0
     for j = 1, #vals do sum = sum + (tonumber(vals[j]) or 0) end
@@ -243,6 +248,10 @@ local function purge(log, tok, now, window)
 end
 """
 
+# Every redis.call costs the script about a microsecond beyond the command itself, so the script
+# makes as few as it can: the log's oldest entry (which also tells whether anything must be purged
+# and when the window resets), its size once (the size after adding is one more), token totals
+# only for scopes with a tpm, and expired concurrency leases purged only when the scope looks full.
 ADMIT_LUA = (
     _FIELDS
     + _PURGE
@@ -255,13 +264,16 @@ local f = fields(ARGV[5])
 local n = #f / 5
 -- released already (its client gave up waiting for this answer, and released the slots): take nothing
 if redis.call('ZSCORE', prefix .. 'rl:released', member) then return {0, 1, 'released', 1000, 0} end
+local counts, oldests = {}, {}
 for i = 1, n do
   local base = prefix .. 'rl:' .. f[5*i-4]
   local log, tok, conc = base .. ':log', base .. ':tok', base .. ':conc'
   local rpm, tpm, par, cost = tonumber(f[5*i-3]), tonumber(f[5*i-2]), tonumber(f[5*i-1]), tonumber(f[5*i])
   if rpm >= 0 or tpm >= 0 then
-    purge(log, tok, now, window)
-    local count = redis.call('ZCARD', log)
+    oldests[i] = purge(log, tok, now, window)
+    local count = 0
+    if oldests[i] then count = redis.call('ZCARD', log) end
+    counts[i] = count
     if rpm >= 0 and count + 1 > rpm then
       local e = redis.call('ZRANGE', log, count - rpm, count - rpm, 'WITHSCORES')
       local wait = window
@@ -299,9 +311,11 @@ for i = 1, n do
     end
   end
   if par >= 0 then
-    redis.call('ZREMRANGEBYSCORE', conc, '-inf', now)
     if redis.call('ZCARD', conc) + 1 > par then
-      return {0, i, 'parallel', 1000, par}
+      redis.call('ZREMRANGEBYSCORE', conc, '-inf', now)
+      if redis.call('ZCARD', conc) + 1 > par then
+        return {0, i, 'parallel', 1000, par}
+      end
     end
   end
 end
@@ -312,13 +326,15 @@ for i = 1, n do
   local rpm, tpm, par = tonumber(f[5*i-3]), tonumber(f[5*i-2]), tonumber(f[5*i-1])
   if rpm >= 0 or tpm >= 0 then
     redis.call('ZADD', log, now, member)
-    redis.call('HSET', tok, member, f[5*i])
-    local total = redis.call('HINCRBY', tok, '_total', f[5*i])
     redis.call('PEXPIRE', log, window + lease)
-    redis.call('PEXPIRE', tok, window + lease)
-    local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
-    local reset = tonumber(oldest[2]) + window - now
-    out[#out + 1] = rpm >= 0 and (rpm - redis.call('ZCARD', log)) or -1
+    local total = -1
+    if tpm >= 0 then
+      redis.call('HSET', tok, member, f[5*i])
+      total = redis.call('HINCRBY', tok, '_total', f[5*i])
+      redis.call('PEXPIRE', tok, window + lease)
+    end
+    local reset = (oldests[i] or now) + window - now
+    out[#out + 1] = rpm >= 0 and (rpm - counts[i] - 1) or -1
     out[#out + 1] = reset
     out[#out + 1] = tpm >= 0 and (tpm - total) or -1
     out[#out + 1] = reset
@@ -399,6 +415,7 @@ class RedisBackend:
         self.client = client
         self.prefix = prefix
         self.lease_ms = lease_ms
+        self._packed_rules: dict[tuple[str, Rule], str] = {}
         self._admit = Script(client, ADMIT_LUA)
         self._finish = Script(client, FINISH_LUA)
         self._batches: BackgroundBatches[Finished] = BackgroundBatches(
@@ -414,12 +431,22 @@ class RedisBackend:
         base = f"{self.prefix}rl:{scope.name}"
         return [f"{base}:log", f"{base}:tok", f"{base}:conc"]
 
-    async def admit(self, member: str, scopes: list[Scope], lease_ms: int) -> Verdict:
-        values: list[Any] = []
-        for scope in scopes:
+    def _packed(self, scope: Scope) -> str:
+        """A scope's name and rule, packed (the same for every request of that scope: kept)."""
+        key = (scope.name, scope.rule)
+        packed = self._packed_rules.get(key)
+        if packed is None:
+            if len(self._packed_rules) >= 10_000:
+                self._packed_rules.clear()
             rule = scope.rule
-            values += [scope.name, _arg(rule.rpm), _arg(rule.tpm), _arg(rule.max_parallel), scope.tokens]
-        result = await self._admit([], [self.prefix, member, WINDOW_MS, lease_ms, _pack(values)])
+            packed = self._packed_rules[key] = _pack(
+                [scope.name, _arg(rule.rpm), _arg(rule.tpm), _arg(rule.max_parallel)]
+            )
+        return packed
+
+    async def admit(self, member: str, scopes: list[Scope], lease_ms: int) -> Verdict:
+        packed = "".join([f"{self._packed(scope)}{scope.tokens}{SEP}" for scope in scopes])
+        result = await self._admit([], [self.prefix, member, WINDOW_MS, lease_ms, packed])
         if int(result[0]) == 0:
             what = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
             return Verdict(False, scopes[int(result[1]) - 1].name, what, int(result[3]), int(result[4]))
@@ -430,7 +457,7 @@ class RedisBackend:
     def finish_later(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
         finished: list[Finished] = []
         for scope in scopes:
-            adjust = tokens if tokens is not None and scope.logs else NONE
+            adjust = tokens if tokens is not None and scope.rule.tpm is not None else NONE  # only tpm counts tokens
             release = 1 if scope.rule.max_parallel is not None else 0
             if adjust != NONE or release:
                 finished.append((member, scope.name, adjust, release))

@@ -137,8 +137,12 @@ class _Connection(asyncio.Protocol):
         self.timeout = timeout
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.waiting: deque[tuple[asyncio.Future[Any], asyncio.TimerHandle]] = deque()
+        # calls waiting for their reply, in order, with their deadlines (loop time). Replies come in
+        # order and every call has the same timeout, so the first waiting call is always the one due
+        # first: one timer per connection, armed for it, instead of a timer per call.
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.closed = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -156,8 +160,7 @@ class _Connection(asyncio.Protocol):
                 if value is _INCOMPLETE:
                     break
                 pos = after
-                future, timer = self.waiting.popleft()
-                timer.cancel()
+                future, _ = self.waiting.popleft()
                 if not future.done():
                     if isinstance(value, ReplyError):
                         future.set_exception(value)
@@ -178,9 +181,11 @@ class _Connection(asyncio.Protocol):
 
     def fail(self, error: BaseException) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self.waiting:
-            future, timer = self.waiting.popleft()
-            timer.cancel()
+            future, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
         if self.transport is not None:
@@ -191,10 +196,24 @@ class _Connection(asyncio.Protocol):
             raise ConnectionError("the connection to Redis is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        timer = loop.call_later(self.timeout, self._late)
-        self.waiting.append((future, timer))
+        deadline = loop.time() + self.timeout
+        self.waiting.append((future, deadline))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._due)
         self.transport.write(encode_command(args))
         return future
+
+    def _due(self) -> None:
+        """The timer: fail the connection if the first waiting call is late, else re-arm for it."""
+        self._timer = None
+        if not self.waiting:
+            return
+        deadline = self.waiting[0][1]
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            self._late()
+        else:
+            self._timer = loop.call_at(deadline, self._due)
 
     def _late(self) -> None:
         # replies come in order: once one is late the connection cannot be trusted any more
@@ -282,6 +301,9 @@ class ScriptClient:
     async def script(self, source: str, sha: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, or EVAL the first time Redis does not know the script."""
         try:
+            conn = self._conn
+            if conn is not None and not conn.closed:  # the usual case: one coroutine less
+                return await conn.send(("EVALSHA", sha, len(keys), *keys, *args))
             return await self.call("EVALSHA", sha, len(keys), *keys, *args)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
