@@ -214,3 +214,160 @@ async def test_routing_stats_and_recent_requests(db: Database) -> None:
     ]
     with pytest.raises(ValueError, match="unknown dimension"):
         await queries.usage(db, start, end, group_by="colour")
+
+
+SUMS = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cached_tokens", "cost", "saved_cost")
+
+
+def straightforward(
+    rows: list[dict[str, Any]],
+    start: dt.datetime,
+    end: dt.datetime,
+    step: int,
+    by: str | None,
+    filters: dict[str, str | None] | None = None,
+) -> list[tuple[Any, ...]]:
+    """Every sum of every point, from the raw rows, sorted like ``queries.usage`` (no value first).
+    ``step`` 0: one total per group (``queries.totals``)."""
+    column = queries.DIMENSIONS[by] if by else None
+    first = int(start.timestamp() // 3600)
+    last = -(-int(end.timestamp()) // 3600)
+    if step:
+        first, last = first - first % step, last + (-last % step)
+    else:
+        first, last = first - first % 24, last + (-last % 24)
+    out: dict[tuple[int, str | None], list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0.0, 0.0])
+    for row in rows:
+        hour = int(row["started_at"] // 3600)
+        if not first <= hour < last:
+            continue
+        if any(row[queries.DIMENSIONS[name]] != value for name, value in (filters or {}).items()):
+            continue
+        agg = out[((hour - hour % step) if step else 0, row[column] if column else None)]
+        agg[0] += 1
+        agg[1] += row["status"] >= 400 and row["status"] != 499
+        agg[2] += bool(row["cache_hit"])
+        agg[3] += row["prompt_tokens"]
+        agg[4] += row["completion_tokens"]
+        agg[5] += row["cached_tokens"]
+        agg[6] += row["cost"] or 0.0
+        agg[7] += row["saved_cost"] or 0.0
+    ordered = sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1] is not None, kv[0][1] or ""))
+    return [
+        (
+            dt.datetime.fromtimestamp(h * 3600, UTC) if step else None,
+            g,
+            *map(int, v[:6]),
+            v[6],
+            v[7],
+        )
+        for (h, g), v in ordered
+    ]
+
+
+def answered(points: list[queries.UsagePoint]) -> list[tuple[Any, ...]]:
+    return [(p.bucket_start, p.group, *(getattr(p, n) for n in SUMS)) for p in points]
+
+
+def same(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -> bool:
+    """Buckets, groups and counts exactly; costs to 1e-9 USD (summed in another order)."""
+    return [p[:8] for p in got] == [p[:8] for p in want] and all(
+        abs(a - b) < 1e-9 for p, q in zip(got, want, strict=True) for a, b in zip(p[8:], q[8:], strict=True)
+    )
+
+
+def owned_keys(count: int, *, days: float, seed: int) -> list[dict[str, Any]]:
+    """Rows where each key has one user and team (as in a real deployment), except ``key-3``, which
+    moves to another user and team halfway through every hour."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        started = NOW.timestamp() - rng.random() * days * 86400
+        key = i % 7
+        user, team = f"user-{key % 4}", TEAMS[key % 3]
+        if key == 3 and started % 3600 >= 1800:
+            user, team = "user-9", "team-z"
+        rec = record(
+            f"own_{seed}_{i:06d}",
+            started_at=started,
+            alias=MODELS[i % 2],
+            provider=f"p{i % 3}",
+            principal=Principal(kind="virtual_key", key_id=f"key-{key}", user_id=user, team_id=team),
+            status=(200, 200, 200, 500, 499, 429)[i % 6],
+            cost=round(rng.random() / 100, 8) if i % 10 else None,
+            prompt=rng.randint(1, 500),
+            completion=rng.randint(1, 300),
+            cached=rng.randint(0, 20),
+            cache_hit=i % 13 == 0,
+        )
+        row = to_row(rec, decision(rec.alias))
+        row["saved_cost"] = 0.002 if rec.cache_hit else None
+        rows.append(row)
+    return rows
+
+
+QUESTIONS: list[tuple[str, int, str | None, dict[str, str | None] | None]] = [
+    # (bucket, step, group by, filters)
+    ("day", 24, "key", None),
+    ("hour", 1, "key", None),
+    ("day", 24, "user", None),
+    ("hour", 1, "user", {"team": "team-a"}),
+    ("day", 24, "team", None),
+    ("hour", 1, "model", None),
+    ("day", 24, "provider", None),
+    ("day", 24, "key", {"team": "team-z"}),
+    ("hour", 1, None, {"key": "key-3"}),
+    ("day", 24, None, {"team": None}),
+    ("hour", 1, None, None),
+    ("day", 24, "model", {"team": "team-b"}),
+    ("hour", 1, "key", {"model": "fast"}),  # no grouping set: raw rows
+]
+
+
+@pytest.mark.parametrize("data", ["owned keys", "mixed owners"])
+async def test_every_sum_of_every_question_matches_the_raw_rows(db: Database, data: str) -> None:
+    """Each question the dashboards ask, before any rollup, after the rollups (daily, hourly and raw
+    rows stitched together) and after raw rows older than ``raw_days`` are gone: every sum of every
+    point equals a straightforward computation over the rows."""
+    rows = owned_keys(2500, days=6, seed=3) if data == "owned keys" else generate(2500, days=6, seed=5)
+    for i in range(0, len(rows), 500):
+        await insert_rows(db, rows[i : i + 500])
+    start, end = NOW - dt.timedelta(days=6, hours=5), NOW + dt.timedelta(minutes=20)
+    retention = Retention(raw_days=30, hourly_days=35, late_hours=5)
+
+    async def check(phase: str) -> None:
+        for bucket, step, by, filters in QUESTIONS:
+            got = answered(await queries.usage(db, start, end, bucket=bucket, group_by=by, filters=filters))  # type: ignore[arg-type]
+            assert same(got, straightforward(rows, start, end, step, by, filters)), (phase, bucket, by, filters)
+            assert got or (filters == {"team": "team-z"} and data == "mixed owners"), (phase, bucket, by, filters)
+        for by in ("key", "user", "team", "model", None):
+            totals = await queries.totals(db, start, end, group_by=by)
+            want = straightforward(rows, start, end, 0, by)
+            assert sorted(
+                (t["group"] is not None, t["group"] or "", t["requests"], t["errors"]) for t in totals
+            ) == sorted((w[1] is not None, w[1] or "", w[2], w[3]) for w in want), (phase, by)
+            assert [t["cost"] for t in totals] == sorted((t["cost"] for t in totals), reverse=True)
+
+    await check("raw rows")
+    await cleanup(db, retention, now=NOW - dt.timedelta(hours=3))  # hourly and daily rollups, raw rows after
+    await check("rollups and raw rows")
+    await cleanup(db, retention, now=NOW + dt.timedelta(hours=2))  # the current hour rolled up too
+    await check("rollups")
+
+
+async def test_hours_past_the_hourly_rollups_come_as_whole_days_once(db: Database) -> None:
+    """An hourly chart reaching back past ``hourly_days``: those days come from the daily rollups as
+    whole days (the day holding the oldest hourly rollup too), every hour counted once."""
+    rows = generate(1500, days=6, seed=11)
+    await insert_rows(db, rows)
+    await cleanup(db, Retention(raw_days=2, hourly_days=3, late_hours=5), now=NOW)
+    start = NOW - dt.timedelta(days=6, hours=5)
+    points = await queries.usage(db, start, NOW + dt.timedelta(hours=1), bucket="hour")
+    oldest_hourly = int(NOW.timestamp() // 3600) - 3 * 24  # hourly rollups before it are deleted
+    whole_until = oldest_hourly - oldest_hourly % 24 + 24
+    want: dict[dt.datetime, int] = defaultdict(int)
+    for row in rows:
+        hour = int(row["started_at"] // 3600)
+        want[dt.datetime.fromtimestamp((hour - hour % 24 if hour < whole_until else hour) * 3600, UTC)] += 1
+    assert {p.bucket_start: p.requests for p in points} == want
+    assert len(points) == len(want)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
+from itertools import islice, starmap
+from operator import attrgetter, eq
 from typing import Any, Literal
 
 from .database import Database
@@ -41,7 +43,6 @@ DIMENSIONS: dict[str, str] = {
     "team": "team_id",
     "key": "key_id",
 }
-_SUMS = ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens", "cached_tokens")
 ERROR = "CASE WHEN status >= 400 AND status <> 499 THEN 1 ELSE 0 END"
 
 
@@ -95,33 +96,38 @@ async def _rollup_edges(db: Database) -> dict[str, tuple[int, int] | None]:
 
     Read from the total set (``dims = ''``), which has a row for every bucket that had traffic."""
     out: dict[str, tuple[int, int] | None] = {"hour": None, "day": None}
-    for bucket, step in (("hour", 1), ("day", 24)):
-        rows = await fetch(
-            db,
-            "SELECT MIN(bucket_start) AS first, MAX(bucket_start) AS last FROM usage_rollups "
-            "WHERE bucket = ? AND dims = ''",
-            [bucket],
-        )
-        first, last = rows[0]["first"], rows[0]["last"]
-        if first is None:
-            continue
+    rows = await fetch(
+        db,
+        "SELECT bucket, MIN(bucket_start) AS first, MAX(bucket_start) AS last FROM usage_rollups "
+        "WHERE bucket IN ('hour', 'day') AND dims = '' GROUP BY bucket",
+    )
+    for row in rows:
+        first, last = row["first"], row["last"]
         if isinstance(first, str):
             first, last = dt.datetime.fromisoformat(first), dt.datetime.fromisoformat(last)
-        out[bucket] = (int(first.timestamp() // 3600), int(last.timestamp() // 3600) + step)
+        step = _hours(row["bucket"])
+        out[row["bucket"]] = (int(first.timestamp() // 3600), int(last.timestamp() // 3600) + step)
     return out
 
 
 def _plan(
     edges: dict[str, tuple[int, int] | None], first: int, last: int, bucket: Bucket
 ) -> list[tuple[str, int, int]]:
-    """(source, from hour, to hour) segments covering [first, last): day rollups, hour rollups, raw."""
+    """(source, from hour, to hour) segments covering [first, last): day rollups, hour rollups, raw.
+
+    Hourly questions reaching back past the hourly rollups (deleted after ``hourly_days``) get whole
+    days from the daily rollups, up to the first day the hourly rollups cover completely (never both
+    for the same hour)."""
     cursor = first
     segments: list[tuple[str, int, int]] = []
     day, hour = edges["day"], edges["hour"]
     if day is not None and (bucket == "day" or hour is None or cursor < hour[0]):
-        upto = min(last, day[1]) if bucket == "day" else min(last, day[1], hour[0] if hour else day[1])
+        upto = min(last, day[1])
+        if bucket == "hour" and hour is not None:
+            cut = hour[0] - hour[0] % 24  # the day holding the oldest hourly rollup: whole if days before it
+            upto = min(upto, cut + 24 if day[0] < cut else cut)  # have rollups (hours were deleted), else hourly
         if cursor < upto:
-            segments.append(("day", cursor, upto))
+            segments.append(("day", cursor - cursor % 24, upto))
             cursor = upto
     if hour is not None and cursor < min(last, hour[1]):
         upto = min(last, hour[1])
@@ -132,26 +138,48 @@ def _plan(
     return segments
 
 
-# Sums cast to plain integers and floats: decoding NUMERIC into Decimal costs more than the query.
-_INT = "CAST(COALESCE(SUM({}), 0) AS BIGINT)"
-_FLOAT = "CAST(COALESCE(SUM({}), 0) AS DOUBLE PRECISION)"
-_RAW_SUMS = ", ".join(
-    [
+# Every source part answers the same columns: h (bucket start, whole hours since 1970; 0 without
+# time), g (the group's value or NULL), then these sums as plain integers and floats (decoding
+# NUMERIC into Decimal costs more than the query; narrow rows also sort in memory).
+_NAMES = (
+    "requests",
+    "errors",
+    "cache_hits",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost",
+    "saved_cost",
+)
+_INT = "CAST(COALESCE({}, 0) AS BIGINT) AS {}"
+_FLOAT = "CAST(COALESCE({}, 0) AS DOUBLE PRECISION) AS {}"
+
+
+def _sums(expressions: tuple[str, ...]) -> str:
+    return ", ".join(
+        (_INT if i < 6 else _FLOAT).format(e, n) for i, (e, n) in enumerate(zip(expressions, _NAMES, strict=True))
+    )
+
+
+_RAW_SUMS = _sums(
+    (
         "COUNT(*)",
-        *(_INT.format(e) for e in (ERROR, "CASE WHEN cache_hit THEN 1 ELSE 0 END", "prompt_tokens")),
-        *(_INT.format(e) for e in ("completion_tokens", "cached_tokens")),
-        _FLOAT.format("cost"),
-        _FLOAT.format("saved_cost"),
-    ]
+        f"SUM({ERROR})",
+        "SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END)",
+        "SUM(prompt_tokens)",
+        "SUM(completion_tokens)",
+        "SUM(cached_tokens)",
+        "SUM(cost)",
+        "SUM(saved_cost)",
+    )
 )
-_ROLLUP_SUMS = ", ".join(
-    [
-        *(_INT.format(e) for e in ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens")),
-        _INT.format("cached_tokens"),
-        _FLOAT.format("cost"),
-        _FLOAT.format("saved_cost"),
-    ]
-)
+_SUMS_OF = _sums(tuple(f"SUM({n})" for n in _NAMES))
+_AS_IS = _sums(_NAMES)  # one rollup row per point: nothing to add up
+
+
+#: Columns almost always determined by the group (a key has one user and team, a user one team),
+#: so a grouping set with them has one row per bucket and group but for the rare owner change.
+_OWNERS: dict[str, set[str]] = {"key_id": {"user_id", "team_id"}, "user_id": {"team_id"}}
 
 
 def _group_by(*terms: str | None) -> str:
@@ -159,7 +187,93 @@ def _group_by(*terms: str | None) -> str:
     return f" GROUP BY {', '.join(present)}" if present else ""
 
 
-async def _collect(
+def _statement(
+    db: Database,
+    start: dt.datetime,
+    end: dt.datetime,
+    bucket: Bucket,
+    group_by: str | None,
+    filters: dict[str, str | None] | None,
+    edges: dict[str, tuple[int, int] | None] | None,
+    *,
+    by_time: bool,
+) -> tuple[str, list[Any], bool]:
+    """One statement answering the whole question, and whether its answer may hold a point twice.
+
+    The database reads each source segment, sums and buckets it, merges the segments that share a
+    bucket and sorts the answer, so Python only receives the points (one row each). Rollup rows of
+    the question's own bucket are read as they are when the grouping set has at most one row per
+    bucket and group (its columns are the group and filtered ones), and otherwise too: a row per
+    key *and owner* is almost always a row per key; :func:`_points` adds up the rare rest (a key that
+    changed user or team within a bucket). ``edges`` None: raw rows only."""
+    column = DIMENSIONS[group_by] if group_by else None
+    first, last = _align(start, end, bucket)
+    where, params = _where(db, filters or {})
+    dims = _rollup_set(group_by, filters)
+    fixed = {DIMENSIONS[name] for name in filters or {}} | ({column} if column else set())
+    extra = set(ROLLUP_SETS[dims]) - fixed if dims is not None else set()
+    # the set's rows of the question's bucket are its points as they are: always when the set has no
+    # other column, almost always when the others are the group's owners (key → user, team)
+    as_is = not extra or (column is not None and extra <= _OWNERS.get(column, set()))
+    twice = False
+    step = _hours(bucket)
+    g = column or "NULL"
+    runs: list[list[tuple[str, list[Any]]]] = []  # parts that may share a bucket are summed together
+    for source, lo, hi in _plan(edges or {"hour": None, "day": None}, first, last, bucket):
+        values = [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params]
+        if source == "raw":
+            h = ("hour" if step == 1 else f"(hour / {step}) * {step}") if by_time else "0"
+            text = (
+                f"SELECT {h} AS h, {g} AS g, {_RAW_SUMS} FROM usage_records "  # noqa: S608 - constants only
+                f"WHERE created_at >= ? AND created_at < ?{where}{_group_by(h if by_time else None, column)}"
+            )
+        else:
+            hours = epoch_hours(db, "bucket_start")
+            sums = _SUMS_OF
+            if not by_time:
+                h, grouping = "0", column
+            elif source == "hour" and step > 1:  # hourly rollups summed into days
+                h = f"({hours} / {step}) * {step}"
+                grouping = f"{h}, {column}" if column else h
+            elif as_is:  # the rollup's own bucket (or whole days for hours past the hourly rollups)
+                h, grouping, sums = hours, None, _AS_IS
+                twice = twice or bool(extra)
+            else:
+                h, grouping = hours, f"bucket_start, {column}" if column else "bucket_start"
+            text = (
+                f"SELECT {h} AS h, {g} AS g, {sums} FROM usage_rollups "  # noqa: S608 - constants only
+                f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where}{_group_by(grouping)}"
+            )
+            values = [source, dims, *values]
+        part = (f"SELECT * FROM ({text}) AS p{sum(map(len, runs))}", values)  # noqa: S608
+        if runs and (not by_time or lo % step):  # shares its first bucket with the previous part
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    texts, values = [], []
+    for i, run in enumerate(runs):
+        union = " UNION ALL ".join(text for text, _ in run)
+        texts.append(union if len(run) == 1 else f"SELECT h, g, {_SUMS_OF} FROM ({union}) AS m{i} GROUP BY h, g")  # noqa: S608
+        values.extend(v for _, part_values in run for v in part_values)
+    if not texts:
+        return "", [], False
+    order = "h" if column is None else ('h, g COLLATE "C" NULLS FIRST' if db.dialect == "postgres" else "h, g")
+    when = "to_timestamp(h * 3600)" if db.dialect == "postgres" else "h"  # PostgreSQL: datetimes decoded in C
+    union = " UNION ALL ".join(f"SELECT * FROM ({t}) AS r{i}" for i, t in enumerate(texts))  # noqa: S608
+    columns = ", ".join(_NAMES)
+    return f"SELECT {when} AS b, g, {columns} FROM ({union}) AS u ORDER BY {order}", values, twice  # noqa: S608
+
+
+def _rollup_set(group_by: str | None, filters: dict[str, str | None] | None) -> str | None:
+    """The smallest grouping set with every dimension the question names (None: raw rows only)."""
+    for name in [*(filters or {}), *([group_by] if group_by else [])]:
+        if name not in DIMENSIONS:
+            raise ValueError(f"unknown dimension {name!r} (known: {', '.join(DIMENSIONS)})")
+    needed = {DIMENSIONS[name] for name in [*(filters or {}), *([group_by] if group_by else [])]}
+    return next((d for d, columns in ROLLUP_SETS.items() if needed <= set(columns)), None)
+
+
+async def _points(
     db: Database,
     start: dt.datetime,
     end: dt.datetime,
@@ -168,76 +282,46 @@ async def _collect(
     filters: dict[str, str | None] | None,
     *,
     by_time: bool,
-) -> dict[tuple[int, bool, str], list[float]]:
-    """(bucket start hour or 0, group is not None, group or "") → [requests, errors, cache hits,
-    prompt, completion, cached, cost, saved cost], summed over every source segment."""
+) -> list[UsagePoint]:
     if bucket not in ("hour", "day"):
         raise ValueError("bucket must be 'hour' or 'day'")
-    column = DIMENSIONS.get(group_by) if group_by else None
-    if group_by and column is None:
-        raise ValueError(f"unknown dimension {group_by!r} (known: {', '.join(DIMENSIONS)})")
-    first, last = _align(start, end, bucket)
-    where, params = _where(db, filters or {})
-    needed = {DIMENSIONS[name] for name in (filters or {})} | ({column} if column else set())
-    dims = next((d for d, columns in ROLLUP_SETS.items() if needed <= set(columns)), None)
-    edges: dict[str, tuple[int, int] | None] = {"hour": None, "day": None}
-    if dims is not None:
-        edges = await _rollup_edges(db)
-    step = _hours(bucket)
-    group_sql = column or "NULL"
-    out: dict[tuple[int, bool, str], list[float]] = {}  # (hour, has a group, group): sorts natively
-    queries_: list[tuple[str, list[Any], int | None]] = []  # (SQL, values, fixed bucket hour)
-    for source, lo, hi in _plan(edges, first, last, bucket):
-        if source == "raw":
-            time_sql = ("hour" if step == 1 else f"(hour / {step}) * {step}") if by_time else "0"
-            text = (
-                f"SELECT {time_sql} AS h, {group_sql} AS g, {_RAW_SUMS} FROM usage_records "  # noqa: S608
-                f"WHERE created_at >= ? AND created_at < ?{where}{_group_by(time_sql if by_time else None, column)}"
-            )
-            queries_.append((text, [timestamp(db, at_hour(lo)), timestamp(db, at_hour(hi)), *params], None))
-            continue
-        # rollups of a finer bucket (hours summed into days) or no time at all: one query per bucket,
-        # grouped by the dimension only, so the database adds the hours up
-        whole = (not by_time) or (source == "hour" and step > 1)
-        time_sql = "NULL" if whole else epoch_hours(db, "bucket_start")
-        text = (
-            f"SELECT {time_sql} AS h, {group_sql} AS g, {_ROLLUP_SUMS} FROM usage_rollups "  # noqa: S608
-            f"WHERE bucket = ? AND dims = ? AND bucket_start >= ? AND bucket_start < ?{where}"
-            f"{_group_by(None if whole else 'bucket_start', column)}"
-        )
-        spans = [(lo, hi)] if not (whole and by_time) else [(h, min(h + step, hi)) for h in range(lo, hi, step)]
-        for a, b in spans:
-            values = [source, dims, timestamp(db, at_hour(a)), timestamp(db, at_hour(b)), *params]
-            queries_.append((text, values, (a - a % step) if whole and by_time else (0 if whole else None)))
-    get = out.get
-    for text, values, fixed in queries_:
-        with db.activate():
-            _, rows = await db.connection.execute_query(placeholders(db, text), values)
+    edges = await _rollup_edges(db) if _rollup_set(group_by, filters) is not None else None
+    text, values, twice = _statement(db, start, end, bucket, group_by, filters, edges, by_time=by_time)
+    if not text:
+        return []
+    with db.activate():
+        _, rows = await db.connection.execute_query(placeholders(db, text), values)
+    if db.dialect == "postgres":  # (datetime, group, 8 sums) as the database sent them
+        points = list(starmap(UsagePoint, rows))
+    else:
+        starts: dict[int, dt.datetime] = {}
+        points = []
         for row in rows:
-            if fixed is not None:
-                hour = fixed
-            else:
-                hour = row[0]
-                if not isinstance(hour, int):  # SQLite may hand back a float or text
-                    hour = int(hour)
-            g = row[1]
-            key = (hour - hour % step, g is not None, "" if g is None else g)
-            agg = get(key)
-            if agg is None:
-                out[key] = list(row[2:])
-            else:
-                for i in range(8):
-                    agg[i] += row[i + 2]
+            hour = int(row[0])  # SQLite may hand back a float or text
+            when = starts.get(hour)
+            if when is None:
+                when = starts[hour] = at_hour(hour)
+            points.append(UsagePoint(when, row[1], *row[2:]))
+    if twice:
+        keys = list(map(_KEY, points))
+        if any(map(eq, keys, islice(keys, 1, None))):  # sorted: a point twice is a point in a row
+            return _merge_adjacent(points)
+    return points
+
+
+_KEY = attrgetter("bucket_start", "group")
+
+
+def _merge_adjacent(points: list[UsagePoint]) -> list[UsagePoint]:
+    out: list[UsagePoint] = []
+    for point in points:
+        if out and _KEY(out[-1]) == _KEY(point):
+            last = out[-1]
+            for name in _NAMES:
+                setattr(last, name, getattr(last, name) + getattr(point, name))
+        else:
+            out.append(point)
     return out
-
-
-def _point(key: tuple[int, bool, str], sums: list[Any], starts: dict[int, dt.datetime]) -> UsagePoint:
-    """The sums are already integers and floats (cast in SQL)."""
-    hour = key[0]
-    start = starts.get(hour)
-    if start is None:
-        start = starts[hour] = at_hour(hour)
-    return UsagePoint(start, key[2] if key[1] else None, *sums)
 
 
 async def usage(
@@ -252,11 +336,10 @@ async def usage(
     """Requests, errors, tokens and cost per bucket (and per value of ``group_by``) in [start, end).
 
     ``group_by`` and the keys of ``filters`` are names from :data:`DIMENSIONS` (model, provider,
-    user, team, key). Buckets without traffic are omitted. Sorted by bucket, then group.
+    user, team, key). Buckets without traffic are omitted. Sorted by bucket, then group (no value
+    first, then by code point).
     """
-    collected = await _collect(db, start, end, bucket, group_by, filters, by_time=True)
-    starts: dict[int, dt.datetime] = {}
-    return [_point(key, collected[key], starts) for key in sorted(collected)]
+    return await _points(db, start, end, bucket, group_by, filters, by_time=True)
 
 
 async def totals(
@@ -270,14 +353,14 @@ async def totals(
 ) -> list[dict[str, Any]]:
     """One total per value of ``group_by`` over the whole range (aligned to days), most expensive
     first (e.g. top teams by cost). Without ``group_by``: a single total (none without traffic)."""
-    collected = await _collect(db, start, end, "day", group_by, filters, by_time=False)
+    points = await _points(db, start, end, "day", group_by, filters, by_time=False)
+    points.sort(key=lambda p: (-p.cost, -p.requests, p.group is not None, p.group or ""))
     out = []
-    starts: dict[int, dt.datetime] = {}
-    for key, sums in sorted(collected.items(), key=lambda kv: (-kv[1][6], -kv[1][0], kv[0][1:])):
-        row = _point(key, sums, starts).as_dict()
+    for point in points[:limit] if limit else points:
+        row = point.as_dict()
         del row["bucket_start"]
         out.append(row)
-    return out[:limit] if limit else out
+    return out
 
 
 async def routing_stats(
