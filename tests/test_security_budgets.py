@@ -15,11 +15,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import httpx
 import orjson
 import pytest
 
 from llmgateway.core.types import Principal, Usage, UsageRecord
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, Recorder, upstream_toml
+from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import free_port
 from tests.test_security_support import (
     MASTER_KEY,
@@ -376,3 +378,101 @@ def test_the_memory_backend_forgets_past_periods() -> None:
     memory.settle(past, 100, 50)  # a request of a past period ending late changes nothing
     # one counter per budget and current period: a long-running process does not keep every period's
     assert set(memory.counters) == {b.name for b in current}
+
+
+# ---- [budgets] stop_streams --------------------------------------------------------------------
+
+
+async def charged(plugin: Any, key_id: str) -> float:
+    """What a key's total budget has been charged, in USD (from the backend's counter)."""
+    [budget] = [b for b in plugin.memory.counters if b.startswith(f"key:{key_id}:")] or [f"key:{key_id}:total"]
+    if plugin.redis is None:
+        return float(plugin.memory.counters[budget][0] / 1e9)
+    spent = await plugin.redis.client.call("HGET", f"{plugin.redis.prefix}budget:{budget}", "spent")
+    return int(spent) / 1e9
+
+
+def streaming_toml(upstream_url: str, budgets_section: str, *, stop: bool) -> str:
+    """The fake OpenAI upstream at $1 per output token (and free input), streaming one word every 20 ms."""
+    return upstream_toml(
+        upstream_url,
+        """
+        [[models]]
+        name = "metered"
+        deployments = [{ provider = "local", model = "slow-20", input_price = 0.0, output_price = 1000000.0 }]
+        """,
+        budgets_section + f"stop_streams = {'true' if stop else 'false'}\n",
+    )
+
+
+async def stream_once(url: str, key: str, max_tokens: int) -> tuple[int, list[bytes]]:
+    body = {**chat("metered", max_tokens=max_tokens), "stream": True}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=auth(key)) as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    return response.status_code, [event for event in raw.split(b"\n\n") if event]
+
+
+async def test_stop_streams_ends_a_stream_when_its_budget_runs_out_and_charges_what_it_used(
+    serve_gateway: GatewayFactory, security_db: str, budgets: str, upstream: tuple[FakeOpenAI, str]
+) -> None:
+    _, upstream_url = upstream
+    recorder = Recorder()
+    toml = config(database(security_db), streaming_toml(upstream_url, budgets, stop=True))
+    async with serve_gateway(toml, plugins={"rec": recorder}) as url:
+        # $4: the reservation of 2 output tokens ($2) is admitted; the answer (11 tokens) does not fit
+        key = await create_key(url, budget_usd=4.0, budget_period="total")
+        status, events = await stream_once(url, key["key"], max_tokens=2)
+        await until(lambda: len(recorder.records) == 1, "the stopped stream is recorded")
+        after = await stream_once(url, key["key"], max_tokens=2)
+        plugin = serve_gateway.gateway.pm.get_plugin("budgets")  # type: ignore[attr-defined]
+        spent = await charged(plugin, key["id"])
+    assert status == 200  # the stream had started
+    assert b"data: [DONE]" not in events
+    error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
+    assert error["type"] == "insufficient_quota"
+    assert error["code"] == "budget_exceeded"
+    words = [orjson.loads(e.removeprefix(b"data: "))["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert 1 <= len([w for w in words if w]) < 9  # part of the answer was forwarded, not all of it
+    assert plugin.stats["streams_stopped"] == 1
+    assert recorder.records[0].status == 429
+    assert recorder.records[0].error_code == "budget_exceeded"
+    # what was streamed is charged: at least the $2 reserved and the word tokens forwarded, and within
+    # a frame of the $4 limit
+    assert 2.0 <= spent <= 5.0
+    assert after[0] == 429  # the budget is spent: the next request is refused before any byte
+    refused = orjson.loads(after[1][0])["error"]
+    assert refused["code"] == "budget_exceeded"
+
+
+async def test_without_stop_streams_a_stream_past_its_budget_completes(
+    serve_gateway: GatewayFactory, security_db: str, upstream: tuple[FakeOpenAI, str]
+) -> None:
+    _, upstream_url = upstream
+    recorder = Recorder()
+    toml = config(database(security_db), streaming_toml(upstream_url, '[budgets]\nbackend = "memory"\n', stop=False))
+    async with serve_gateway(toml, plugins={"rec": recorder}) as url:
+        key = await create_key(url, budget_usd=4.0, budget_period="total")
+        status, events = await stream_once(url, key["key"], max_tokens=2)
+        await until(lambda: len(recorder.records) == 1, "the stream is recorded")
+    assert status == 200
+    assert events[-1] == b"data: [DONE]"
+    [record] = recorder.records
+    assert record.status == 200
+    assert record.cost is not None
+    assert record.cost > 4.0  # the reservation bounded nothing: this is what the option is for
+
+
+def test_stop_streams_is_off_by_default_and_must_be_a_boolean() -> None:
+    from llmgateway.core.config import ConfigError, parse_config
+    from llmgateway.plugins.security.budgets import BudgetsPlugin
+
+    plugin = BudgetsPlugin()
+    plugin.llmgateway_configure(parse_config(config('[budgets]\nbackend = "memory"\n')))
+    assert plugin.stop_streams is False
+    plugin.llmgateway_configure(parse_config(config('[budgets]\nbackend = "memory"\nstop_streams = true\n')))
+    assert plugin.stop_streams is True
+    with pytest.raises(ConfigError, match="stop_streams"):
+        BudgetsPlugin().llmgateway_configure(
+            parse_config(config('[budgets]\nbackend = "memory"\nstop_streams = "yes"\n'))
+        )

@@ -36,6 +36,7 @@ import asyncio
 import heapq
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from llmgateway.core.config import GatewayConfig, Section
-from llmgateway.core.errors import BudgetExceededError
+from llmgateway.core.errors import BudgetExceededError, GatewayError
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.provider import estimate_prompt_tokens
 from llmgateway.core.types import Deployment, ModelGroup, RequestContext
@@ -159,6 +160,25 @@ class MemoryBudgets:
             counter[1] += amount
         return None
 
+    def extend(self, budgets: list[Budget], step: int) -> tuple[int, int]:
+        """Add up to ``step`` to a reservation in every budget, as much as all of them have room for:
+        (what was added, the index of the tightest budget)."""
+        room, tightest = step, 0
+        counters = []
+        for index, budget in enumerate(budgets):
+            counter = self.counters.get(budget.name)
+            if counter is None:  # its period is over
+                return 0, index
+            counters.append(counter)
+            free = budget.limit - counter[0] - counter[1]
+            if free < room:
+                room, tightest = free, index
+        if room <= 0:
+            return 0, tightest
+        for counter in counters:
+            counter[1] += room
+        return room, tightest
+
     def settle(self, budgets: list[Budget], amount: int, cost: int) -> None:
         for budget in budgets:
             counter = self.counters.get(budget.name)
@@ -235,6 +255,31 @@ end
 return 1
 """
 
+EXTEND_LUA = """
+-- a stream outgrowing its reservation: add up to ARGV[2] to it, as much as every budget has room for;
+-- nothing once the request is settled (or its reservation expired). Returns {added, tightest budget}
+local member, room, tightest = ARGV[1], tonumber(ARGV[2]), 1
+local f = 'r:' .. member
+local n = #KEYS / 2
+for i = 1, n do
+  local h = KEYS[2*i-1]
+  local held = redis.call('HGET', h, f)
+  if not held or held == '-' then return {0, i} end
+  local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
+  local reserved = tonumber(redis.call('HGET', h, 'reserved') or '0')
+  local free = tonumber(ARGV[2 + i]) - spent - reserved
+  if free < room then room, tightest = free, i end
+end
+if room <= 0 then return {0, tightest} end
+local add = string.format('%d', room)
+for i = 1, n do
+  local h = KEYS[2*i-1]
+  redis.call('HINCRBY', h, 'reserved', add)
+  redis.call('HINCRBY', h, f, add)
+end
+return {room, tightest}
+"""
+
 SEED_LUA = """
 if redis.call('HSETNX', KEYS[1], 'seeded', 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'spent', ARGV[1])
@@ -269,6 +314,7 @@ class RedisBudgets:
         self._reserve = Script(client, RESERVE_LUA)
         self._settle = Script(client, SETTLE_LUA)
         self._seed = Script(client, SEED_LUA)
+        self._extend = Script(client, EXTEND_LUA)
         self._batches: BackgroundBatches[Settlement] = BackgroundBatches(
             self._send,
             name="budgets-settle",
@@ -295,6 +341,14 @@ class RedisBudgets:
             keys += self._keys(budget)
         result = await self._reserve(keys=keys, args=[member, amount, lease_ms, *[b.limit for b in budgets]])
         return int(result[0]), int(result[1]), int(result[2])
+
+    async def extend(self, budgets: list[Budget], member: str, step: int) -> tuple[int, int]:
+        """Grow the request's reservation by up to ``step``: (what was added, the tightest budget's index)."""
+        keys: list[str] = []
+        for budget in budgets:
+            keys += self._keys(budget)
+        result = await self._extend(keys=keys, args=[member, step, *[b.limit for b in budgets]])
+        return int(result[0]), int(result[1]) - 1
 
     async def seed(self, budget: Budget, spent: int) -> None:
         ttl = 0
@@ -373,6 +427,136 @@ def _default(section: Section) -> tuple[float | None, str]:
     return usd, period
 
 
+# ---- stopping a stream when its budget runs out ([budgets] stop_streams) ---------------------
+
+# the text a frame carries, found without parsing it: OpenAI chunks (content, tool arguments, text
+# completions) and Anthropic events (text, partial_json, thinking)
+_TEXT = re.compile(rb'"(?:content|text|arguments|partial_json|thinking)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+class StreamGuard:
+    """A stream watcher (``ctx.stream_watchers``) that estimates a stream's spend as its frames go
+    out and stops it once the budget is spent.
+
+    Output tokens are estimated without parsing a frame: the larger of the number of frames (about
+    one token each for OpenAI-style streams) and the streamed text's length / 4 (one regex over the
+    bytes). While the estimate stays within the request's reservation nothing else happens. Beyond
+    it the reservation is grown, atomically in every budget, by as much as they all have room for
+    (up to another reservation's worth at a time): synchronously in process memory; in Redis by a
+    background call started when half a step is left, so the stream never waits for Redis. When no
+    budget room is left, the watcher returns a 429 ``insufficient_quota`` / ``budget_exceeded`` that
+    ends the stream. The request is then settled at its real (estimated) cost like any other.
+    """
+
+    __slots__ = (
+        "_extending",
+        "backend",
+        "budgets",
+        "ctx",
+        "exhausted",
+        "frames",
+        "held",
+        "member",
+        "per_token",
+        "plugin",
+        "prompt_cost",
+        "spent",
+        "step",
+        "stopped",
+        "text",
+        "tightest",
+    )
+
+    def __init__(
+        self, plugin: BudgetsPlugin, ctx: RequestContext, budgets: list[Budget], member: str, held: int, backend: str
+    ) -> None:
+        self.plugin = plugin
+        self.ctx = ctx
+        self.budgets = budgets
+        self.member = member
+        self.backend = backend
+        self.held = held  # nano-dollars reserved for this request now
+        self.step = held
+        self.per_token = -1  # nano-dollars per output token; -1 until the serving deployment is known
+        self.prompt_cost = 0
+        self.spent = 0  # the estimate after the last frame
+        self.frames = 0
+        self.text = 0
+        self.exhausted = False
+        self.stopped = False
+        self.tightest = 0
+        self._extending: asyncio.Task[None] | None = None
+
+    def _prices(self) -> None:
+        deployment = self.ctx.deployment
+        if deployment is None or (deployment.input_price is None and deployment.output_price is None):
+            self.per_token = 0
+            return
+        # prices are USD per million tokens: one token at price p costs p * 1000 nano-dollars
+        self.per_token = math.ceil((deployment.output_price or 0.0) * 1000)
+        self.prompt_cost = math.ceil(estimate_prompt_tokens(self.ctx.body) * (deployment.input_price or 0.0) * 1000)
+        self.spent = self.prompt_cost
+        self.step = max(self.held, self.per_token * 256, 1)
+
+    def __call__(self, chunk: bytes) -> GatewayError | None:
+        if self.per_token <= 0:
+            if self.per_token == 0:
+                return None
+            self._prices()
+            if self.per_token == 0:
+                return None
+        self.frames += chunk.count(b"\n\n")
+        for text in _TEXT.findall(chunk):
+            self.text += len(text)
+        spend = self.prompt_cost + max(self.frames, (self.text + 3) // 4) * self.per_token
+        # stop a frame early rather than late: the frame refused is billed too (upstream made it)
+        spend, self.spent = spend + (spend - self.spent), spend
+        if self.backend == "local":
+            while spend > self.held:
+                added, self.tightest = self.plugin.memory.extend(self.budgets, self.step)
+                if not added:
+                    return self._stop()
+                self.held += added
+            return None
+        # Redis: grow ahead of need, in the background
+        if spend + self.step // 2 > self.held and self._extending is None and not self.exhausted:
+            self._extending = asyncio.get_running_loop().create_task(self._extend(), name="budgets-extend")
+        if spend > self.held and self.exhausted:
+            return self._stop()
+        return None
+
+    async def _extend(self) -> None:
+        redis = self.plugin.redis
+        try:
+            if redis is None:
+                raise ConnectionError("the Redis client is closed")
+            added, self.tightest = await redis.extend(self.budgets, self.member, self.step)
+        except redis_errors() as exc:
+            self.plugin._redis_failed(exc)
+            added = 0
+            if self.plugin.on_redis_error == "allow":
+                self.plugin.stats["allowed_without_redis"] += 1
+                self.backend = "none"
+                self.per_token = 0  # not watched any more
+        finally:
+            self._extending = None
+        if added:
+            self.held += added
+        elif self.per_token:
+            self.exhausted = True
+
+    def _stop(self) -> GatewayError:
+        budget = self.budgets[min(self.tightest, len(self.budgets) - 1)]
+        self.plugin.stats["streams_stopped"] += 1
+        self.stopped = True
+        self.per_token = 0  # one error ends the stream; nothing more to watch
+        per = {"daily": "per day", "weekly": "per week", "monthly": "per month"}.get(budget.period, "in total")
+        return BudgetExceededError(
+            f"Budget exhausted for this {budget.level} during the stream (${budget.limit / NANO:,.2f} {per}); "
+            "the answer was cut short"
+        )
+
+
 # ---- the plugin -----------------------------------------------------------------------------
 
 
@@ -386,6 +570,7 @@ class BudgetsPlugin:
         self.redis_retry_interval = 5.0
         self.default_max_output_tokens = 4096
         self.seed_from_usage = True
+        self.stop_streams = False
         self.lease_ms = 0
         self.defaults: dict[str, tuple[float | None, str]] = {}
         self.memory = MemoryBudgets()
@@ -406,6 +591,7 @@ class BudgetsPlugin:
             "settles_queued": 0,
             "settles_pending": 0,
             "settles_dropped": 0,
+            "streams_stopped": 0,
         }
 
     @hookimpl
@@ -417,6 +603,7 @@ class BudgetsPlugin:
         self.redis_retry_interval = section.number("redis_retry_interval", 5.0, minimum=0)
         self.default_max_output_tokens = section.integer("default_max_output_tokens", 4096, minimum=1)
         self.seed_from_usage = section.boolean("seed_from_usage", True)
+        self.stop_streams = section.boolean("stop_streams", False)
         lease = section.opt_number("lease_seconds", minimum=1)
         self.lease_ms = int((lease if lease is not None else config.server.request_timeout + 60) * 1000)
         defaults = section.table("defaults")
@@ -482,9 +669,17 @@ class BudgetsPlugin:
         amount = reservation_for(ctx, deployments, self.default_max_output_tokens)
         member = ctx.request_id
         backend = await self._reserve(budgets, member, amount)
+        guard: StreamGuard | None = None
+        if self.stop_streams and ctx.stream and backend != "none":
+            guard = StreamGuard(self, ctx, budgets, member, amount, backend)
+            ctx.stream_watchers.append(guard)
 
         async def settle(ctx: RequestContext) -> None:
             cost = to_nano(ctx.cost) if ctx.cost and ctx.attempts else 0
+            if guard is not None and guard.stopped:
+                # a provider may learn its usage only after the request is accounted: never less than
+                # the estimate of what was streamed (the frame refused included: upstream made it)
+                cost = max(cost, guard.spent)
             redis = self.redis
             if backend == "redis" and redis is not None:
                 try:
@@ -493,7 +688,7 @@ class BudgetsPlugin:
                     self._redis_failed(exc)
                     redis.settle_later(budgets, member, cost)  # Redis may have taken it: settling twice counts once
             elif backend == "local":
-                self.memory.settle(budgets, amount, cost)
+                self.memory.settle(budgets, guard.held if guard is not None else amount, cost)
 
         ctx.on_finish.append(settle)
 
