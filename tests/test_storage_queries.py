@@ -371,3 +371,23 @@ async def test_hours_past_the_hourly_rollups_come_as_whole_days_once(db: Databas
         want[dt.datetime.fromtimestamp((hour - hour % 24 if hour < whole_until else hour) * 3600, UTC)] += 1
     assert {p.bucket_start: p.requests for p in points} == want
     assert len(points) == len(want)
+
+
+async def test_the_queries_serve_sqlite_and_postgresql_at_once(tmp_path: Path) -> None:
+    """The read side is hand-written SQL chosen per database (not Tortoise's per-model query cache,
+    which follows the database opened last): one process can ask both, interleaved."""
+    rows = generate(300, days=3, seed=13)
+    async with (
+        database_url("sqlite", tmp_path) as lite_url,
+        database_url("postgres", tmp_path) as pg_url,
+        opened(lite_url) as lite,
+        opened(pg_url) as pg,
+    ):
+        for database in (lite, pg):
+            await insert_rows(database, rows)
+        await cleanup(lite, RETENTION, now=NOW)
+        start, end = NOW - dt.timedelta(days=3, hours=1), NOW + dt.timedelta(hours=1)
+        want = straightforward(rows, start, end, 24, "key")
+        for database in (lite, pg, lite):
+            assert same(answered(await queries.usage(database, start, end, bucket="day", group_by="key")), want)
+            assert len(await queries.recent_requests(database, limit=7)) == 7

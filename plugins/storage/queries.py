@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from .database import Database
 from .retention import ROLLUP_SETS
-from .sql import at_hour, epoch_hours, fetch, number, placeholders, timestamp
+from .sql import at_hour, epoch_hours, fetch, fetch_rows, number, timestamp
 
 UTC = dt.UTC
 Bucket = Literal["hour", "day"]
@@ -289,8 +289,7 @@ async def _points(
     text, values, twice = _statement(db, start, end, bucket, group_by, filters, edges, by_time=by_time)
     if not text:
         return []
-    with db.activate():
-        _, rows = await db.connection.execute_query(placeholders(db, text), values)
+    rows = await fetch_rows(db, text, values)
     if db.dialect == "postgres":  # (datetime, group, 8 sums) as the database sent them
         points = list(starmap(UsagePoint, rows))
     else:
