@@ -17,7 +17,9 @@ SCHEMES = ("sqlite", "postgres", "postgresql", "asyncpg", "mysql", "mssql", "ora
 class WriteBehind:
     batch_size: int = 500
     flush_interval: float = 1.0
-    queue_size: int = 100_000
+    # records held in memory while the database is slow (~1 KB each); beyond, they go to the spool.
+    # The writer drains ~10,000 rows/s to SQLite: 10,000 is seconds of backlog at any sustained load.
+    queue_size: int = 10_000
     spool_dir: str = "llmgateway-spool"
 
 

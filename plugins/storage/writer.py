@@ -8,9 +8,11 @@
 * When a write fails or times out (database down, network cut), the batch is appended to a spool
   file (JSON lines, one row each) in ``spool_dir`` and the writer switches to *down*: every
   interval it pings the database and, once it answers, replays the spool files and resumes.
-* The queue is bounded (``queue_size``): past the bound the waiting rows go straight to the spool
-  file (synchronously, on the request that found the queue full), so memory stays bounded and
-  nothing is dropped.
+* The queue is bounded (``queue_size`` records, about 1 KB each): when it is full, the oldest
+  ``batch_size`` records go to the spool file in one append (on the request that found the queue
+  full: a few milliseconds), so memory stays bounded and nothing is dropped. Rows spooled while the
+  database answers (the writer could not keep up) are replayed as soon as the queue has drained,
+  interleaved with the live queue so that replaying never makes it overflow again.
 * :meth:`UsageWriter.stop` (lifespan shutdown, e.g. after SIGTERM) flushes what is queued, or spools
   it when the database does not answer within ``timeout``; a request that finishes even later is
   spooled directly. Spool files left by a stopped or crashed process are replayed at the next start.
@@ -346,7 +348,7 @@ class UsageWriter:
         *,
         batch_size: int = 500,
         flush_interval: float = 1.0,
-        queue_size: int = 100_000,
+        queue_size: int = 10_000,
         spool_dir: str = "llmgateway-spool",
         timeout: float = 5.0,
     ) -> None:
@@ -364,6 +366,8 @@ class UsageWriter:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = False
+        self._overflowed = False  # rows were spooled while the database answered: replay them once caught up
+        self._overflow_logged = 0.0
 
     # ---- the request path ----------------------------------------------------------------
 
@@ -375,18 +379,27 @@ class UsageWriter:
         queue = self.queue
         queue.append((record, decision))
         size = len(queue)
-        if size >= self.batch_size:
-            if size >= self.queue_size:
-                self._overflow()
-            elif self._wake is not None:
-                self._wake.set()
+        if size >= self.queue_size:
+            self._overflow()
+        elif size >= self.batch_size and self._wake is not None:
+            self._wake.set()
 
     def _overflow(self) -> None:
-        rows = self._drain(len(self.queue))
+        """Move the oldest records (one batch) from the full queue to the spool file."""
+        rows = self._drain(min(self.batch_size, self.queue_size))
         written = self.spool.write(rows)
         self.stats.overflowed += written
         self.stats.spooled += written
-        log.warning("usage queue full (%d rows): spooled them to %s", written, self.spool.current)
+        self._overflowed = True
+        now = time.monotonic()
+        if now - self._overflow_logged >= 10.0:  # at most one line per 10 s however long it lasts
+            self._overflow_logged = now
+            log.warning(
+                "usage queue full (%d records): the database does not keep up; %d rows spooled to %s so far",
+                self.queue_size,
+                self.stats.overflowed,
+                self.spool.current,
+            )
 
     def _drain(self, limit: int) -> list[Row]:
         queue = self.queue
@@ -409,9 +422,7 @@ class UsageWriter:
         else:
             await self.flush()
         self._stopped = True
-        rest = self._drain(len(self.queue))
-        if rest:
-            self.stats.spooled += self.spool.write(rest, sync=True)
+        self._spool_queue()
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -426,6 +437,9 @@ class UsageWriter:
             wake.clear()
             try:
                 await self.flush()
+                if self._overflowed and self.down_since is None and len(self.queue) < self.batch_size:
+                    self._overflowed = False
+                    await self.replay()
             except Exception:  # never let the writer die
                 log.exception("usage writer failed; retrying")
         await self.flush(final=True)
@@ -434,20 +448,27 @@ class UsageWriter:
         """Write every queued row (in batches); spool them while the database is down."""
         if self.down_since is not None:
             if not await self._database_back():
-                rows = self._drain(len(self.queue))
-                if rows:
-                    self.stats.spooled += self.spool.write(rows, sync=True)
+                self._spool_queue()
                 return
             await self.replay()
-        while self.queue:
+        await self._write_queue(0, final=final)
+
+    async def _write_queue(self, keep: int, *, final: bool = False) -> bool:
+        """Write queued rows in batches until at most ``keep`` are left; False when a write failed
+        (then everything queued is in the spool)."""
+        while len(self.queue) > keep:
             rows = self._drain(self.batch_size)
             if not await self._write(rows):
-                rest = self._drain(len(self.queue))
-                if rest:
-                    self.stats.spooled += self.spool.write(rest, sync=True)
-                return
+                self._spool_queue()
+                return False
             if not final:
                 await asyncio.sleep(0)  # let requests run between batches
+        return True
+
+    def _spool_queue(self) -> None:
+        """Everything queued to the spool, one batch at a time (no second copy of the whole queue)."""
+        while self.queue:
+            self.stats.spooled += self.spool.write(self._drain(self.batch_size), sync=not self.queue)
 
     async def _write(self, rows: list[Row]) -> bool:
         try:
@@ -517,6 +538,10 @@ class UsageWriter:
                 if batch and not await self._replay_batch(batch):
                     return -1
                 count += len(batch)
+                # requests keep coming while a (possibly large) spool is replayed: keep the queue
+                # drained so it never overflows back into the spool
+                if len(self.queue) >= self.batch_size and not await self._write_queue(self.batch_size // 2):
+                    return -1
         finally:
             file.close()
 
