@@ -82,3 +82,6 @@ async def test_a_watcher_returning_an_error_ends_the_stream_with_that_error(
     assert record.status == 429
     assert record.error_code == "watcher_stop"
     assert record.streamed
+    # the output forwarded before the stop is counted (estimated from the streamed text), not lost
+    assert record.usage.completion_tokens > 0
+    assert record.usage.estimated

@@ -33,7 +33,7 @@ Azure speaks the OpenAI format with a few additions, handled here:
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -124,7 +124,7 @@ class AzureOpenAIProvider(OpenAIProvider):
 
     # ---- streams -----------------------------------------------------------------------------
 
-    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
         decoder = SSEDecoder()
         replacement = model_field(call.alias)
         state = _StreamState()

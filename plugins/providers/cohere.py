@@ -32,8 +32,9 @@ Options: ``embed_input_type``, ``safety_mode`` (CONTEXTUAL / STRICT / OFF).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -309,13 +310,16 @@ class CohereProvider(Provider):
     async def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         self._check(call)
         payload = self.translate(call.body, stream=True)
-        async with self.streaming(
-            call, f"{self.base_url}/v2/chat", content=orjson.dumps(payload), headers=self.stream_headers
-        ) as response:
-            async for frame in self._relay(response, call):
+        async with (
+            self.streaming(
+                call, f"{self.base_url}/v2/chat", content=orjson.dumps(payload), headers=self.stream_headers
+            ) as response,
+            contextlib.aclosing(self._relay(response, call)) as frames,
+        ):  # relay closed first (its finally sets call.usage), then the response
+            async for frame in frames:
                 yield frame
 
-    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
         state = _Stream()
         decoder = SSEDecoder()
         call.upstream_model = call.deployment.model

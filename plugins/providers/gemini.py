@@ -32,10 +32,11 @@ sent as ``safetySettings``; ``embedding_task_type`` — ``taskType`` for embeddi
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -561,16 +562,19 @@ class GeminiProvider(Provider):
     async def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         self._check(call)
         payload = self.translate(call.body)
-        async with self.streaming(
-            call,
-            self.url(call.deployment.model, "streamGenerateContent") + "?alt=sse",
-            content=orjson.dumps(payload),
-            headers=self.stream_headers,
-        ) as response:
-            async for frame in self._relay(response, call):
+        async with (
+            self.streaming(
+                call,
+                self.url(call.deployment.model, "streamGenerateContent") + "?alt=sse",
+                content=orjson.dumps(payload),
+                headers=self.stream_headers,
+            ) as response,
+            contextlib.aclosing(self._relay(response, call)) as frames,
+        ):  # relay closed first (its finally sets call.usage), then the response
+            async for frame in frames:
                 yield frame
 
-    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
         state = _Stream()
         decoder = SSEDecoder()
         try:

@@ -43,9 +43,10 @@ loading" with ``estimated_time`` keeps that as the client's Retry-After.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -220,13 +221,11 @@ class HuggingFaceProvider(OpenAIProvider):
     def completions_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         raise InvalidRequestError(f"Provider '{self.name}' (Hugging Face) serves chat completions only", param="model")
 
-    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
-        if not self.tgi:
-            async for out in super()._relay(response, call):
+    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
+        relay = super()._relay(response, call) if not self.tgi else self._relay_parsed(response, call)
+        async with contextlib.aclosing(relay) as frames:
+            async for out in frames:
                 yield out
-            return
-        async for out in self._relay_parsed(response, call):
-            yield out
 
     def _new_state(self) -> _StreamState:
         return _StreamState()

@@ -9,8 +9,9 @@ usage, it is estimated from the streamed text and marked estimated.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,17 +151,20 @@ class OpenAIProvider(Provider):
         body["stream_options"] = (
             {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         )
-        async with self.streaming(
-            call,
-            self.url(path, call.deployment.model),
-            content=orjson.dumps(body),
-            headers={**self.request_headers(call), "accept": "text/event-stream"},
-            params=self.params or None,
-        ) as response:
-            async for frame in self._relay(response, call):
+        async with (
+            self.streaming(
+                call,
+                self.url(path, call.deployment.model),
+                content=orjson.dumps(body),
+                headers={**self.request_headers(call), "accept": "text/event-stream"},
+                params=self.params or None,
+            ) as response,
+            contextlib.aclosing(self._relay(response, call)) as frames,
+        ):  # relay closed first (its finally sets call.usage), then the response
+            async for frame in frames:
                 yield frame
 
-    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
         """Forward the upstream's frames; the frames of one upstream read go out as one item.
 
         Only the frame that carries usage is parsed. Whatever ends the stream (``[DONE]``, a cut, a
@@ -228,7 +232,7 @@ class OpenAIProvider(Provider):
         finally:
             self._finish_usage(call, text)
 
-    async def _relay_parsed(self, response: httpx.Response, call: UpstreamCall) -> AsyncIterator[bytes]:
+    async def _relay_parsed(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
         """The relay for OpenAI-like servers whose chunks need changing (Mistral, TGI): every chunk is
         parsed and handed to :meth:`_chunk` with the stream's state from :meth:`_new_state`."""
         decoder = SSEDecoder()
