@@ -189,10 +189,13 @@ def create_app(
                     await client.aclose()
 
     routes: list[BaseRoute] = []
+    proxies: dict[str, ProxyEndpoint] = {}  # exact POST paths, dispatched without starlette's router
     for prefix in ("/v1", ""):
-        routes.append(Route(f"{prefix}/chat/completions", ProxyEndpoint(gateway, "chat.completions"), methods=["POST"]))
-        routes.append(Route(f"{prefix}/completions", ProxyEndpoint(gateway, "completions"), methods=["POST"]))
-        routes.append(Route(f"{prefix}/embeddings", ProxyEndpoint(gateway, "embeddings"), methods=["POST"]))
+        proxies[f"{prefix}/chat/completions"] = ProxyEndpoint(gateway, "chat.completions")
+        proxies[f"{prefix}/completions"] = ProxyEndpoint(gateway, "completions")
+        proxies[f"{prefix}/embeddings"] = ProxyEndpoint(gateway, "embeddings")
+    for path, endpoint in proxies.items():
+        routes.append(Route(path, endpoint, methods=["POST"]))
     taken = {
         "/v1/chat/completions",
         "/chat/completions",
@@ -206,7 +209,8 @@ def create_app(
             if path in taken:
                 raise ConfigError(f"two routes claim the path {path!r}", key="plugins", file=config.path)
             taken.add(path)
-            routes.append(Route(path, ProxyEndpoint(gateway, ingress.endpoint, ingress), methods=["POST"]))
+            proxies[path] = ProxyEndpoint(gateway, ingress.endpoint, ingress)
+            routes.append(Route(path, proxies[path], methods=["POST"]))
     models_permission = rbac.PUBLIC if config.server.public_models else "models:read"
     core_routes = [
         GatewayRoute("/v1/models", _list_models(gateway), models_permission),
@@ -231,7 +235,7 @@ def create_app(
     )
     app.state.gateway = gateway
     gateway.state["starlette"] = app  # the routing table, under any ASGI wrappers (RBAC meta-test, tools)
-    wrapped: ASGIApp = app
+    wrapped: ASGIApp = ProxyDispatch(app, proxies)
     for wrapper in gateway.pm.hook.llmgateway_asgi_wrapper(gateway=gateway):
         if wrapper is not None:
             wrapped = wrapper(wrapped)
@@ -244,6 +248,28 @@ def gateway_of(app: ASGIApp) -> Gateway:
     if not isinstance(gateway, Gateway):
         raise TypeError("not an llmgateway app")
     return gateway
+
+
+class ProxyDispatch:
+    """The hot path's short cut: a ``POST`` to one of the proxy endpoints' exact paths goes straight
+    to its :class:`ProxyEndpoint` (which answers every error itself, as the OpenAI envelope);
+    everything else, including those paths under a ``root_path`` or with another method, goes
+    through starlette's router. The same routes are in starlette's table too (RBAC meta-test,
+    tools that list routes)."""
+
+    __slots__ = ("app", "endpoints")
+
+    def __init__(self, app: ASGIApp, endpoints: Mapping[str, ProxyEndpoint]) -> None:
+        self.app = app
+        self.endpoints = dict(endpoints)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            endpoint = self.endpoints.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestIdMiddleware:

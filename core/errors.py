@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -368,35 +368,47 @@ def error_message_from_body(body: bytes) -> tuple[str, str | None, str | None]:
     return body.decode("utf-8", "replace")[:500], None, None
 
 
-@contextlib.contextmanager
-def map_upstream_errors(provider: str, secrets: Iterable[str] = ()) -> Iterator[None]:
+class map_upstream_errors:
     """The boundary: transport failures of an upstream call become :class:`UpstreamError` subclasses.
 
     Error *responses* are turned into errors by :func:`error_from_upstream_status`; this maps what
     happens when there is no usable response at all (timeouts, refused connections, cut streams).
+    A plain class rather than ``@contextmanager``: it wraps every upstream call, and a generator
+    based context manager costs several times more per use.
     """
-    try:
-        yield
-    except GatewayError:
-        raise
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeoutError(
-            f"Provider '{provider}' timed out ({type(exc).__name__})", provider=provider
-        ) from None
-    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+
+    __slots__ = ("provider", "secrets")
+
+    def __init__(self, provider: str, secrets: Iterable[str] = ()) -> None:
+        self.provider = provider
+        self.secrets = secrets
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, GatewayError):
+            return
+        error = _upstream_failure(self.provider, self.secrets, exc)
+        if error is not None:
+            raise error from None
+
+
+def _upstream_failure(provider: str, secrets: Iterable[str], exc: BaseException) -> GatewayError | None:
+    """The client-facing error for a transport failure, or None to let ``exc`` through."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeoutError(f"Provider '{provider}' timed out ({type(exc).__name__})", provider=provider)
+    if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
         detail = redact(str(exc) or type(exc).__name__, secrets)
         if isinstance(exc, httpx.ConnectError):
-            raise UpstreamConnectionError(
-                f"Could not connect to provider '{provider}': {detail}", provider=provider
-            ) from None
-        raise UpstreamProtocolError(
-            f"The connection to provider '{provider}' broke: {detail}", provider=provider
-        ) from None
-    except httpx.HTTPError as exc:
+            return UpstreamConnectionError(f"Could not connect to provider '{provider}': {detail}", provider=provider)
+        return UpstreamProtocolError(f"The connection to provider '{provider}' broke: {detail}", provider=provider)
+    if isinstance(exc, httpx.HTTPError):
         detail = redact(str(exc) or type(exc).__name__, secrets)
-        raise UpstreamConnectionError(f"Provider '{provider}' failed: {detail}", provider=provider) from None
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
-        raise UpstreamProtocolError(
+        return UpstreamConnectionError(f"Provider '{provider}' failed: {detail}", provider=provider)
+    if isinstance(exc, (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError)):
+        return UpstreamProtocolError(
             f"Provider '{provider}' sent a response the gateway could not read ({type(exc).__name__})",
             provider=provider,
-        ) from None
+        )
+    return None

@@ -253,11 +253,16 @@ async def post_bytes(
     upstream.release()
     response = httpx.Response(
         status_code=upstream.status,
-        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers],
+        headers=upstream.raw_headers,
         stream=httpx.ByteStream(raw),
         extensions={"http_version": b"HTTP/1.1"},
     )
-    response.read()  # decodes Content-Encoding exactly as aread() would
+    if "Content-Encoding" in upstream.headers:
+        response.read()  # decodes Content-Encoding exactly as aread() would
+    else:
+        # what read() ends with for an unencoded body, without its decoder and chunker machinery
+        response._content = raw
+        response.is_stream_consumed = response.is_closed = True
     return _finish(client, response, url, content, headers)
 
 
@@ -284,7 +289,7 @@ async def open_stream(
     )
     response = httpx.Response(
         status_code=upstream.status,
-        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers],
+        headers=upstream.raw_headers,
         stream=_ResponseStream(upstream),
         extensions={"http_version": b"HTTP/1.1"},
     )

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
@@ -173,37 +174,57 @@ def call_order(pm: pluggy.PluginManager, hook: str) -> list[str]:
     return [impl.plugin_name for impl in reversed(getattr(pm.hook, hook).get_hookimpls())]
 
 
-_Impl = tuple[Callable[..., Any], tuple[str, ...], str]
+# one implementation: (function, positions of its arguments in the hook's own argument list, plugin)
+_Impl = tuple[Callable[..., Any], tuple[int, ...], str]
+
+
+def _is_awaitable(value: Any) -> bool:
+    """``inspect.isawaitable`` with the common answers first (hot path: every hook result)."""
+    kind = type(value)
+    if kind is CoroutineType:
+        return True
+    if value is None or kind is dict or kind is list:
+        return False
+    return inspect.isawaitable(value)
 
 
 class Hooks:
-    """Typed, awaitable calls of the request hooks, in the resolved order (computed once)."""
+    """Typed, awaitable calls of the request hooks, in the resolved order (computed once).
+
+    Every request calls these, so the dispatch is precomputed: which implementations, in which
+    order, and where each one's arguments sit in the hook's signature (pluggy lets an
+    implementation take any subset of the spec's arguments, in any order).
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
         self._impls: dict[str, list[_Impl]] = {}
         for name in hookspecs.REQUEST_HOOKS + hookspecs.ASYNC_LIFECYCLE_HOOKS:
-            impls = reversed(getattr(pm.hook, name).get_hookimpls())
-            self._impls[name] = [(i.function, tuple(i.argnames), i.plugin_name) for i in impls]
+            caller = getattr(pm.hook, name)
+            spec_args: list[str] = list(caller.spec.argnames) if caller.spec is not None else []
+            impls = reversed(caller.get_hookimpls())
+            self._impls[name] = [
+                (i.function, tuple(spec_args.index(a) for a in i.argnames), i.plugin_name) for i in impls
+            ]
 
     def has(self, name: str) -> bool:
         return bool(self._impls[name])
 
-    async def _first(self, name: str, kwargs: dict[str, Any]) -> Any:
-        for function, argnames, _ in self._impls[name]:
-            result = function(*[kwargs[a] for a in argnames])
-            if inspect.isawaitable(result):
+    async def _first(self, name: str, *args: Any) -> Any:
+        for function, positions, _ in self._impls[name]:
+            result = function(*[args[i] for i in positions])
+            if _is_awaitable(result):
                 result = await result
             if result is not None:
                 return result
         return None
 
-    async def _each(self, name: str, kwargs: dict[str, Any], *, swallow: bool = False) -> list[Any]:
+    async def _each(self, name: str, *args: Any, swallow: bool = False) -> list[Any]:
         results = []
-        for function, argnames, plugin in self._impls[name]:
+        for function, positions, plugin in self._impls[name]:
             try:
-                result = function(*[kwargs[a] for a in argnames])
-                if inspect.isawaitable(result):
+                result = function(*[args[i] for i in positions])
+                if _is_awaitable(result):
                     result = await result
             except Exception:
                 if not swallow:
@@ -217,13 +238,13 @@ class Hooks:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self, gateway: Any) -> None:
-        await self._each("llmgateway_startup", {"gateway": gateway})
+        await self._each("llmgateway_startup", gateway)
 
     async def shutdown(self, gateway: Any) -> None:
-        for function, argnames, plugin in reversed(self._impls["llmgateway_shutdown"]):
+        for function, positions, plugin in reversed(self._impls["llmgateway_shutdown"]):
             try:
-                result = function(*[{"gateway": gateway}[a] for a in argnames])
-                if inspect.isawaitable(result):
+                result = function(*[(gateway,)[i] for i in positions])
+                if _is_awaitable(result):
                     await result
             except Exception:
                 log.exception("plugin %s failed in llmgateway_shutdown", plugin)
@@ -231,14 +252,14 @@ class Hooks:
     # ---- request chain -----------------------------------------------------------------------
 
     async def authenticate(self, ctx: RequestContext) -> Principal | None:
-        return cast("Principal | None", await self._first("llmgateway_authenticate", {"ctx": ctx}))
+        return cast("Principal | None", await self._first("llmgateway_authenticate", ctx))
 
     async def prepare_request(self, ctx: RequestContext) -> None:
-        await self._each("llmgateway_prepare_request", {"ctx": ctx})
+        await self._each("llmgateway_prepare_request", ctx)
 
     async def cache_lookup(self, ctx: RequestContext) -> CachedResponse | None:
         try:
-            return cast("CachedResponse | None", await self._first("llmgateway_cache_lookup", {"ctx": ctx}))
+            return cast("CachedResponse | None", await self._first("llmgateway_cache_lookup", ctx))
         except GatewayError:
             raise
         except Exception:
@@ -247,28 +268,28 @@ class Hooks:
             return None
 
     async def classify(self, ctx: RequestContext) -> None:
-        for labels in await self._each("llmgateway_classify", {"ctx": ctx}):
+        for labels in await self._each("llmgateway_classify", ctx):
             ctx.labels.update(labels)
 
     async def route(self, ctx: RequestContext, group: ModelGroup) -> list[Deployment] | None:
-        return cast("list[Deployment] | None", await self._first("llmgateway_route", {"ctx": ctx, "group": group}))
+        return cast("list[Deployment] | None", await self._first("llmgateway_route", ctx, group))
 
     async def check_limits(self, ctx: RequestContext) -> None:
-        await self._each("llmgateway_check_limits", {"ctx": ctx})
+        await self._each("llmgateway_check_limits", ctx)
 
     async def upstream_done(self, ctx: RequestContext, attempt: Attempt) -> None:
-        await self._each("llmgateway_upstream_done", {"ctx": ctx, "attempt": attempt}, swallow=True)
+        await self._each("llmgateway_upstream_done", ctx, attempt, swallow=True)
 
     async def response(self, ctx: RequestContext, response: dict[str, Any]) -> None:
-        await self._each("llmgateway_response", {"ctx": ctx, "response": response})
+        await self._each("llmgateway_response", ctx, response)
 
     async def cache_store(
         self, ctx: RequestContext, response: dict[str, Any] | None, chunks: list[bytes] | None
     ) -> None:
-        await self._each("llmgateway_cache_store", {"ctx": ctx, "response": response, "chunks": chunks}, swallow=True)
+        await self._each("llmgateway_cache_store", ctx, response, chunks, swallow=True)
 
     async def record_usage(self, ctx: RequestContext, record: UsageRecord) -> None:
-        await self._each("llmgateway_record_usage", {"ctx": ctx, "record": record}, swallow=True)
+        await self._each("llmgateway_record_usage", ctx, record, swallow=True)
 
     async def on_error(self, ctx: RequestContext, error: GatewayError) -> None:
-        await self._each("llmgateway_on_error", {"ctx": ctx, "error": error}, swallow=True)
+        await self._each("llmgateway_on_error", ctx, error, swallow=True)

@@ -39,6 +39,7 @@ from .http import open_stream
 from .types import Deployment, RequestContext, Usage
 
 RATE_LIMIT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "ratelimit-", "retry-after")
+_RATE_LIMIT_PREFIXES_RAW = tuple(prefix.encode() for prefix in RATE_LIMIT_HEADER_PREFIXES)
 
 
 @dataclass(slots=True)
@@ -190,6 +191,13 @@ class Provider:
 
     @staticmethod
     def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
+        if isinstance(headers, httpx.Headers):  # the usual case: test the raw names, decode only matches
+            found = {}
+            for key, value in headers.raw:
+                name = key.lower()
+                if name.startswith(_RATE_LIMIT_PREFIXES_RAW):  # numbers and durations: ASCII
+                    found[name.decode("latin-1")] = value.decode("latin-1")
+            return found
         return {k: v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_HEADER_PREFIXES)}
 
 

@@ -70,10 +70,16 @@ class Deployment:
     rpm: int | None = None
     tpm: int | None = None
     params: dict[str, Any] = field(default_factory=dict)  # defaults merged into every upstream request
+    _id: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        self._id = f"{self.alias}/{self.provider}/{self.model}#{self.index}"
 
     @property
     def id(self) -> str:
-        return f"{self.alias}/{self.provider}/{self.model}#{self.index}"
+        """``alias/provider/model#index``: stable, unique within a config (computed once: the
+        identifying fields are not changed after the config is loaded)."""
+        return self._id
 
 
 @dataclass(slots=True)

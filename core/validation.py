@@ -118,9 +118,11 @@ def validate(endpoint: Endpoint, body: dict[str, Any]) -> None:
         if body.get("encoding_format", "float") not in ("float", "base64"):
             raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
         checks = _EMBEDDINGS
-    for name, check in checks.items():
-        if name in body and body[name] is not None:
-            check(name, body[name])
+    for name, value in body.items():  # bodies carry a few fields; the tables list many
+        if value is not None:
+            check = checks.get(name)
+            if check is not None:
+                check(name, value)
     tools = body.get("tools")
     if tools:
         for i, tool in enumerate(tools):

@@ -63,11 +63,13 @@ def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
 
 
 class Recorder:
-    """An upstream that records the headers it got and answers gzip JSON with a cookie and limits."""
+    """An upstream that records the headers it got and answers JSON (gzip unless ``compress`` is
+    off) with a cookie and rate-limit headers."""
 
-    def __init__(self) -> None:
+    def __init__(self, compress: bool = True) -> None:
         self.seen: list[list[tuple[str, str]]] = []
         self.delay = 0.0
+        self.compress = compress
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -87,10 +89,12 @@ class Recorder:
         self.seen.append([(k.decode(), v.decode()) for k, v in scope["headers"]])
         if self.delay:
             await asyncio.sleep(self.delay)
-        payload = gzip.compress(b'{"ok": true, "echo": ' + body + b"}")
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-encoding", b"gzip"),
+        payload = b'{"ok": true, "echo": ' + body + b"}"
+        headers = [(b"content-type", b"application/json")]
+        if self.compress:
+            payload = gzip.compress(payload)
+            headers.append((b"content-encoding", b"gzip"))
+        headers += [
             (b"x-ratelimit-remaining-requests", b"7"),
             (b"set-cookie", b"session=abc; Path=/"),
             (b"content-length", str(len(payload)).encode()),
@@ -105,8 +109,9 @@ def _client(**overrides: Any) -> httpx.AsyncClient:
     return make_client(config)
 
 
-async def test_post_bytes_matches_client_post() -> None:
-    recorder = Recorder()
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "identity"])
+async def test_post_bytes_matches_client_post(compress: bool) -> None:
+    recorder = Recorder(compress)
     async with running(recorder) as url:
         headers = {"content-type": "application/json", "authorization": "Bearer sk-x", "accept": "application/json"}
         results = []
@@ -119,7 +124,14 @@ async def test_post_bytes_matches_client_post() -> None:
                     response = await client.post(f"{url}/v1/chat", content=b'{"a":1}', headers=headers)
                     await response.aread()
                 results.append(
-                    (response.status_code, response.content, response.headers["x-ratelimit-remaining-requests"])
+                    (
+                        response.status_code,
+                        response.content,
+                        response.headers["x-ratelimit-remaining-requests"],
+                        response.is_closed,
+                        response.is_stream_consumed,
+                        response.json(),
+                    )
                 )
                 # one client serves every tenant: an upstream cookie is never kept, never sent back
                 assert client.cookies.get("session") is None
