@@ -91,6 +91,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
                 timeout=aiohttp.ClientTimeout(total=None),
                 trust_env=False,
+                # one pool serves every tenant: never keep an upstream's cookie, never send one back
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._session = session
         return session

@@ -148,6 +148,24 @@ async def test_post_bytes_matches_client_post(compress: bool) -> None:
             assert limited.json()["ok"] is True
 
 
+async def test_an_upstream_cookie_is_never_sent_back_by_name_either() -> None:
+    """Cookie jars ignore cookies from IP addresses, so also ask by host name: one pool serves every
+    tenant, and a cookie one tenant's answer set must never ride on another tenant's request."""
+    recorder = Recorder(compress=False)
+    async with running(recorder) as url:
+        by_name = url.replace("127.0.0.1", "localhost")
+        headers = {"content-type": "application/json"}
+        async with _client() as client:
+            for _ in range(2):
+                await post_bytes(client, f"{by_name}/v1/chat", content=b"{}", headers=headers)
+                async with client.stream("POST", f"{by_name}/v1/chat", content=b"{}", headers=headers) as response:
+                    await response.aread()
+                stream = await open_stream(client, f"{by_name}/v1/chat", content=b"{}", headers=headers)
+                await stream.aclose()
+    assert len(recorder.seen) == 6
+    assert all(name != "cookie" for seen in recorder.seen for name, _ in seen)
+
+
 async def test_open_stream_matches_client_send_stream() -> None:
     recorder = Recorder()
     async with running(recorder) as url:
