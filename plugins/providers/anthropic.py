@@ -180,7 +180,7 @@ class AnthropicProvider(Provider):
                                 continue
                             event = loads(data)
                             if event.get("type") == "error":
-                                call.usage = translator.usage  # what was counted before the error
+                                call.usage = translator.usage_so_far()  # what was streamed before the error
                                 raise upstream_stream_error(self.name, event, self.secrets)
                             frame = translator.feed(event)
                             if frame is not None:
@@ -197,7 +197,7 @@ class AnthropicProvider(Provider):
                 )
         finally:
             if call.usage is None and translator is not None:
-                call.usage = translator.usage  # what was counted before the stream broke or the client left
+                call.usage = translator.usage_so_far()  # what was streamed before it broke or the client left
 
     # ---- token counting ----------------------------------------------------------------------
 

@@ -462,8 +462,10 @@ class AnthropicToOpenAIStream:
     """
 
     __slots__ = (
+        "_chars",
         "_json_block",
         "_json_buffer",
+        "_output_counted",
         "_tools",
         "_writer",
         "alias",
@@ -487,6 +489,23 @@ class AnthropicToOpenAIStream:
         self.finish_reason: str | None = None
         self.model: str | None = None
         self.stopped = False
+        self._chars = 0  # text, tool arguments and thinking received, for a stream that ends early
+        self._output_counted = False  # message_delta brought the real output count
+
+    def usage_so_far(self) -> Usage:
+        """What to bill: the upstream's own count once message_delta brought it; for a stream that
+        ended before (cut, client gone, stopped by a watcher), the output estimated from the text
+        received (message_start only carries a placeholder output count), marked estimated."""
+        usage = self.usage
+        if self._output_counted:
+            return usage
+        return Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=max(usage.completion_tokens, estimate_tokens(self._chars)),
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            estimated=True,
+        )
 
     def feed(self, event: dict[str, Any]) -> bytes | None:
         kind = event.get("type")
@@ -495,9 +514,11 @@ class AnthropicToOpenAIStream:
             delta = event["delta"]
             dtype = delta.get("type")
             if dtype == "text_delta":
+                self._chars += len(delta["text"])
                 return None if self.json_mode is not None else writer.content(delta["text"])
             if dtype == "input_json_delta":
                 fragment = delta.get("partial_json") or ""
+                self._chars += len(fragment)
                 index = event["index"]
                 if index == self._json_block:
                     if self._json_buffer is not None:
@@ -509,7 +530,9 @@ class AnthropicToOpenAIStream:
                     return None
                 return writer.tool_call_arguments(tool, fragment)
             if dtype == "thinking_delta":
-                return writer.reasoning(delta.get("thinking") or "")
+                thinking = delta.get("thinking") or ""
+                self._chars += len(thinking)
+                return writer.reasoning(thinking)
             return None  # signature_delta, citations_delta
         if kind == "content_block_start" and writer is not None:
             block = event["content_block"]
@@ -572,6 +595,7 @@ class AnthropicToOpenAIStream:
         current = self.usage
         if usage.get("output_tokens") is not None:
             current.completion_tokens = int(usage["output_tokens"])
+            self._output_counted = True
         if any(usage.get(k) is not None for k in ("input_tokens", "cache_read_input_tokens")):
             fresh = usage_from_anthropic({**usage, "output_tokens": current.completion_tokens})
             current.prompt_tokens, current.cached_tokens = fresh.prompt_tokens, fresh.cached_tokens
