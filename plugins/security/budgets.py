@@ -633,6 +633,8 @@ class BudgetsPlugin:
 
     def budgets(self, ctx: RequestContext, limits: IdentityLimits) -> list[Budget]:
         principal = ctx.principal
+        if not (principal.user_id or principal.team_id or principal.kind == "virtual_key"):
+            return []  # no key, user or team to hold a budget
         now = datetime.now(UTC)
         levels: list[tuple[str, str | None, Limits | None]] = [
             ("key", principal.key_id if principal.kind == "virtual_key" else None, limits.key),

@@ -558,7 +558,9 @@ class RateLimitPlugin:
         self._client = None
         self.redis = None
 
-    def scopes(self, ctx: RequestContext, limits: IdentityLimits, tokens: int) -> list[Scope]:
+    def scopes(self, ctx: RequestContext, limits: IdentityLimits) -> list[Scope]:
+        """The limited scopes this request counts against (none: nothing to check). Their token
+        estimate is computed only when there is a scope to count it in."""
         principal = ctx.principal
         candidates: list[tuple[str, Rule]] = []
         if principal.kind == "virtual_key" and principal.key_id:
@@ -569,13 +571,16 @@ class RateLimitPlugin:
             candidates.append((f"team:{principal.team_id}", Rule.of(limits.team).over(self.defaults["team"])))
         if ctx.alias:
             candidates.append((f"model:{ctx.alias}", self.models.get(ctx.alias, self.defaults["model"])))
-        return [Scope(name, rule, tokens) for name, rule in candidates if not rule.empty]
+        limited = [(name, rule) for name, rule in candidates if not rule.empty]
+        if not limited:
+            return []
+        tokens = estimate_prompt_tokens(ctx.body) + (ctx.max_output_tokens() or 0)
+        return [Scope(name, rule, tokens) for name, rule in limited]
 
     @hookimpl
     async def llmgateway_check_limits(self, ctx: RequestContext) -> None:
         limits = await self.resolver.get(ctx)
-        tokens = estimate_prompt_tokens(ctx.body) + (ctx.max_output_tokens() or 0)
-        scopes = self.scopes(ctx, limits, tokens)
+        scopes = self.scopes(ctx, limits)
         if not scopes:
             return
         member = ctx.request_id
