@@ -32,7 +32,6 @@ answers are translated both ways:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -239,21 +238,10 @@ class MistralProvider(OpenAIProvider):
 
     # ---- streams -----------------------------------------------------------------------------
 
-    async def _stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
-        # like OpenAIProvider._stream, without stream_options (Mistral refuses it and always sends usage)
+    def stream_body(self, call: UpstreamCall) -> dict[str, Any]:
+        # no stream_options: Mistral refuses it (and always sends usage)
         call.body["stream"] = True
-        async with (
-            self.streaming(
-                call,
-                self.url(path, call.deployment.model),
-                content=orjson.dumps(call.body),
-                headers={**self.request_headers(call), "accept": "text/event-stream"},
-                params=self.params or None,
-            ) as response,
-            contextlib.aclosing(self._relay(response, call)) as frames,
-        ):  # relay closed first (its finally sets call.usage), then the response
-            async for frame_ in frames:
-                yield frame_
+        return call.body
 
     def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
         return self._relay_parsed(response, call)

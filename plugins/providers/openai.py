@@ -143,7 +143,9 @@ class OpenAIProvider(Provider):
     def completions_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
         return self._stream("/completions", call)
 
-    async def _stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
+    def stream_body(self, call: UpstreamCall) -> dict[str, Any]:
+        """The upstream body of a streamed call: usage always asked for (accounting needs it even
+        when the client did not ask; the relay drops it again then). Subclasses adapt."""
         self.check_params(call)
         body = call.body
         body["stream"] = True
@@ -151,6 +153,10 @@ class OpenAIProvider(Provider):
         body["stream_options"] = (
             {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         )
+        return body
+
+    async def _stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
+        body = self.stream_body(call)
         async with (
             self.streaming(
                 call,
