@@ -253,7 +253,7 @@ class KeysPlugin:
         last = self._touched.get(key_id)
         if last is not None and now - last < self.touch_interval:
             return
-        if len(self._touched) > self.cache_size:
+        if len(self._touched) >= self.cache_size:
             self._touched.clear()
         self._touched[key_id] = now
         task = asyncio.create_task(self._write_last_used(key_id))
