@@ -526,6 +526,9 @@ async def _pump(
                     stop = watcher(chunk)
                     if stop is not None:
                         raise stop
+                if chunk.endswith(DONE):  # the OpenAI stream's last event: end the response with it
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return "done"
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except GatewayError as error:
             event = ingress.error_event(error) if ingress is not None else error.sse_event()
