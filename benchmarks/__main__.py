@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="also run a soak for RSS growth")
     run.add_argument("--profile", action="store_true", help="py-spy record the gateway under load")
+    run.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also measure hypercorn alone and a bare hypercorn + aiohttp proxy (benchmarks/baselines.py)",
+    )
     run.add_argument("--out", type=Path, default=HERE / "results", help="where latest.{md,json,png} go")
     again = sub.add_parser("report", help="re-render latest.md and latest.png from latest.json")
     again.add_argument("--out", type=Path, default=HERE / "results")
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         servers=tuple(s for s in args.servers.split(",") if s),
         soak=args.soak,
         profile=args.profile,
+        baselines=args.baselines,
     )
     if args.quick:
         settings.duration, settings.warmup, settings.repeat = 1.0, 0.0, 1

@@ -42,6 +42,7 @@ class Settings:
     cache: bool = False
     soak: float = 0.0
     profile: bool = False
+    baselines: bool = False
     chain: Chain = field(default_factory=Chain)
     skipped_features: dict[str, str] = field(default_factory=dict)
     variants: list[tuple[str, Chain]] = field(default_factory=list)  # extra llmgateway rows: (label, chain)
@@ -255,11 +256,35 @@ class Runner:
             target.stop()
         return target
 
+    def run_baseline(self, key: str, name: str, app: str) -> None:
+        """A reference row (benchmarks/baselines.py) under hypercorn, one worker, uvloop."""
+        port = procs.free_port()
+        hypercorn = str(Path(sys.executable).with_name("hypercorn"))
+        argv = [hypercorn, "-k", "uvloop", "-w", "1", "-b", f"127.0.0.1:{port}", f"benchmarks.baselines:{app}"]
+        env = {**os.environ, "BASELINE_UPSTREAM": self.upstream_url}
+        child = procs.start(name, argv, self.workdir / f"baseline-{app}.log", env=env, cwd=str(HERE.parent))
+        target = Target(name, "baseline", base_url=f"http://127.0.0.1:{port}", api_key=None, server="hypercorn")
+        target.child = child
+        try:
+            procs.wait_port(port, 30, child.proc, child.log)
+            self.results[key] = self.measure(target, self.all_phases())
+        except (RuntimeError, TimeoutError) as exc:
+            self.log(f"!! {name} did not start: {exc}")
+            self.results[key] = {"name": name, "kind": "baseline", "error": str(exc)[-2000:]}
+        finally:
+            target.stop()
+
     def run(self) -> dict[str, Any]:
         self.start_upstream()
         try:
             upstream_target = direct(self.upstream_url)
             self.results["direct"] = self.measure(upstream_target, self.all_phases())
+            if self.s.baselines:
+                for app, label in (
+                    ("static", "hypercorn alone (canned answer, no upstream call)"),
+                    ("proxy", "hypercorn + aiohttp proxy (no gateway logic)"),
+                ):
+                    self.run_baseline(f"baseline_{app}", label, app)
             self.run_llmgateway("llmgateway", "llmgateway (hypercorn, 1 worker)")
             if self.s.litellm:
                 try:

@@ -37,6 +37,7 @@ def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
             "--skip-litellm",
             "--chain",
             "core",
+            "--baselines",
             "--out",
             str(tmp_path),
         ],
@@ -49,7 +50,7 @@ def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     results = data["results"]
-    for key in ("direct", "llmgateway"):
+    for key in ("direct", "baseline_static", "baseline_proxy", "llmgateway"):
         phases = results[key]["phases"]
         assert set(phases) == {"plain_c1", "plain_c32", "stream_c1", "stream_c16"}
         for phase in phases.values():
