@@ -514,26 +514,61 @@ async def _pump(
 
     Returns "done", "disconnected", or the error that ended the stream (already sent as an event).
     Collected chunks (for the cache) are always the OpenAI frames, whatever the ingress.
+
+    Without an ingress the first chunk leaves from this task at once (no task switch before the
+    first byte), and a stream whose end came with it needs no forwarding task at all.
     """
-    source = _prepend(first, frames, collect)
-    out = ingress.stream(ctx, source) if ingress is not None else source
+    watchers = ctx.stream_watchers
+
+    async def deliver(chunk: bytes) -> bool:
+        """Send one chunk; True when it ended the response (the OpenAI stream's last event)."""
+        for watcher in watchers:
+            stop = watcher(chunk)
+            if stop is not None:
+                raise stop
+        if chunk.endswith(DONE):
+            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+            return True
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        return False
+
+    async def fail(error: GatewayError) -> GatewayError:
+        event = ingress.error_event(error) if ingress is not None else error.sse_event()
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+        return error
+
+    out: AsyncIterator[bytes]
+    if ingress is None:
+        if collect is not None:
+            collect.append(first)
+        ended: GatewayError | str | None = None
+        try:
+            if await deliver(first):
+                ended = "done"
+        except GatewayError as error:
+            try:
+                ended = await fail(error)
+            except OSError:
+                ended = "disconnected"
+        except OSError:
+            ended = "disconnected"
+        except BaseException:  # cancelled (shutdown): close the upstream, the caller accounts for it
+            await _close(frames)
+            raise
+        if ended is not None:
+            await _close(frames)
+            return ended
+        out = _prepend(None, frames, collect) if collect is not None else frames
+    else:
+        out = ingress.stream(ctx, _prepend(first, frames, collect))
 
     async def forward() -> GatewayError | str:
-        watchers = ctx.stream_watchers
         try:
             async for chunk in out:
-                for watcher in watchers:
-                    stop = watcher(chunk)
-                    if stop is not None:
-                        raise stop
-                if chunk.endswith(DONE):  # the OpenAI stream's last event: end the response with it
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                if await deliver(chunk):
                     return "done"
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except GatewayError as error:
-            event = ingress.error_event(error) if ingress is not None else error.sse_event()
-            await send({"type": "http.response.body", "body": event, "more_body": False})
-            return error
+            return await fail(error)
         except OSError:
             return "disconnected"
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -563,12 +598,15 @@ async def _pump(
     return pump.result()
 
 
-async def _prepend(first: bytes, frames: AsyncIterator[bytes], collect: list[bytes] | None) -> AsyncIterator[bytes]:
-    """``first`` then the rest of ``frames``, recording them for the cache when asked."""
+async def _prepend(
+    first: bytes | None, frames: AsyncIterator[bytes], collect: list[bytes] | None
+) -> AsyncIterator[bytes]:
+    """``first`` (when given) then the rest of ``frames``, recording them for the cache when asked."""
     try:
-        if collect is not None:
-            collect.append(first)
-        yield first
+        if first is not None:
+            if collect is not None:
+                collect.append(first)
+            yield first
         async for chunk in frames:
             if collect is not None:
                 collect.append(chunk)

@@ -85,3 +85,21 @@ async def test_a_watcher_returning_an_error_ends_the_stream_with_that_error(
     # the output forwarded before the stop is counted (estimated from the streamed text), not lost
     assert record.usage.completion_tokens > 0
     assert record.usage.estimated
+
+
+async def test_a_watcher_can_refuse_the_very_first_chunk(
+    upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory
+) -> None:
+    _, url = upstream
+    watcher = ChunkWatcher(stop_after=0)
+    recorder = Recorder()
+    async with serve_gateway(
+        upstream_toml(url, models(("m", ["slow-5"]))), plugins={"watch": watcher, "rec": recorder}
+    ) as gw:
+        status, raw = await stream(gw)
+    assert status == 200
+    assert raw.startswith(b"data: {")
+    assert orjson.loads(raw.removeprefix(b"data: "))["error"]["code"] == "watcher_stop"
+    assert len(watcher.seen) == 1
+    [record] = recorder.records
+    assert (record.status, record.error_code) == (429, "watcher_stop")
