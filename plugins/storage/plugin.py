@@ -152,8 +152,11 @@ class StoragePlugin:
         if self.writer is not None:
             await self.writer.stop()
             stats = self.writer.stats
-            if stats.spooled:
-                log.warning("%d usage rows are in the spool (%s)", stats.spooled, self.writer.spool.dir)
+            pending = self.writer.spool.pending_rows() if stats.spooled else 0
+            if pending:  # rows spooled and replayed while running are in the database already
+                log.warning(
+                    "%d usage rows are in the spool (%s); the next start writes them", pending, self.writer.spool.dir
+                )
         if self.db is not None:
             await self.db.close()
 

@@ -288,6 +288,14 @@ class Spool:
     def has_files(self) -> bool:
         return bool(self.replayable())
 
+    def pending_rows(self) -> int:
+        """Rows waiting in the files this process may replay (what the next start will write)."""
+        total = 0
+        for path in self.replayable():
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as file:
+                total += sum(1 for line in file if line.strip())
+        return total
+
     def replayable(self) -> list[Path]:
         """Files this process may replay: its own (rotated first) and those of processes that ended."""
         if not self.dir.is_dir():
