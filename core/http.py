@@ -134,7 +134,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         return httpx.Response(
             status_code=response.status,
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+            headers=response.raw_headers,
             stream=_ResponseStream(response),
             request=request,
             extensions={"http_version": b"HTTP/1.1"},

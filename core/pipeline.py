@@ -523,7 +523,11 @@ async def _pump(
     async def deliver(chunk: bytes) -> bool:
         """Send one chunk; True when it ended the response (the OpenAI stream's last event)."""
         for watcher in watchers:
-            stop = watcher(chunk)
+            try:
+                stop = watcher(chunk)
+            except Exception:  # a plugin's bug ends this stream cleanly (event, accounting), never silently
+                log.exception("a stream watcher failed in request %s", ctx.request_id)
+                stop = GatewayError(f"Internal error (request {ctx.request_id})", code="internal_error")
             if stop is not None:
                 raise stop
         if chunk.endswith(DONE):

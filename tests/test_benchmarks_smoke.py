@@ -96,6 +96,7 @@ class Recorder:
             payload = gzip.compress(payload)
             headers.append((b"content-encoding", b"gzip"))
         headers += [
+            (b"x-served-by", "café".encode()),  # not ASCII: both paths must take it alike
             (b"x-ratelimit-remaining-requests", b"7"),
             (b"set-cookie", b"session=abc; Path=/"),
             (b"content-length", str(len(payload)).encode()),
@@ -132,6 +133,7 @@ async def test_post_bytes_matches_client_post(compress: bool) -> None:
                         response.is_closed,
                         response.is_stream_consumed,
                         response.json(),
+                        response.headers["x-served-by"],
                     )
                 )
                 # one client serves every tenant: an upstream cookie is never kept, never sent back

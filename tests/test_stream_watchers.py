@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import httpx
 import orjson
+import pytest
 
 from llmgateway.core.errors import GatewayError, RateLimitError
 from llmgateway.core.hookspecs import hookimpl
@@ -103,3 +104,39 @@ async def test_a_watcher_can_refuse_the_very_first_chunk(
     assert len(watcher.seen) == 1
     [record] = recorder.records
     assert (record.status, record.error_code) == (429, "watcher_stop")
+
+
+class BrokenWatcher:
+    """A plugin whose watcher has a bug: it raises on the second chunk."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def llmgateway_prepare_request(self, ctx: RequestContext) -> None:
+        ctx.stream_watchers.append(self.watch)
+
+    def watch(self, chunk: bytes) -> GatewayError | None:
+        self.calls += 1
+        if self.calls == 2:
+            raise TypeError("a bug in the plugin")
+        return None
+
+
+async def test_a_watcher_that_raises_ends_the_stream_with_an_internal_error_and_it_is_accounted(
+    upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, url = upstream
+    recorder = Recorder()
+    toml = upstream_toml(url, models(("m", ["slow-5"])))
+    async with serve_gateway(toml, plugins={"broken": BrokenWatcher(), "rec": recorder}) as gw:
+        status, raw = await stream(gw)
+    assert status == 200
+    assert b"[DONE]" not in raw
+    last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    error = orjson.loads(last.removeprefix(b"data: "))["error"]
+    assert error["code"] == "internal_error"
+    assert "TypeError" not in raw.decode()  # no traceback or exception text reaches the client
+    [record] = recorder.records
+    assert (record.status, record.error_code) == (500, "internal_error")
+    assert "a stream watcher failed" in caplog.text
