@@ -476,3 +476,33 @@ def test_stop_streams_is_off_by_default_and_must_be_a_boolean() -> None:
         BudgetsPlugin().llmgateway_configure(
             parse_config(config('[budgets]\nbackend = "memory"\nstop_streams = "yes"\n'))
         )
+
+
+async def test_a_long_stream_keeps_its_redis_reservation_past_its_first_lease(redis_prefix: str) -> None:
+    """Growing a reservation renews its lease, and a reservation whose lease did expire (purged by
+    another request) is taken up again: a long stream with budget left is never cut for it."""
+    from llmgateway.plugins.security.budgets import Budget, RedisBudgets
+    from llmgateway.plugins.security.redis_util import ScriptClient
+
+    client = ScriptClient("redis://127.0.0.1:6379/0", timeout=2)
+    store = RedisBudgets(client, redis_prefix, lease_ms=300)
+    budget = Budget("key", "long-stream", 10_000, "total", "total", None, None)
+    field = "r:long"
+    hash_key = f"{redis_prefix}budget:{budget.name}"
+    try:
+        await store.seed(budget, 0)
+        assert (await store.reserve([budget], "long", 100, 300))[0] == 1
+        await asyncio.sleep(0.2)
+        assert (await store.extend([budget], "long", 100, 300))[0] == 100  # renews the lease: +300 ms
+        await asyncio.sleep(0.2)  # past the first lease, within the renewed one
+        assert (await store.reserve([budget], "other", 100, 300))[0] == 1  # purges expired leases
+        assert await client.call("HGET", hash_key, field) == b"200"  # still held
+        await asyncio.sleep(0.4)  # now past the renewed lease too
+        assert (await store.reserve([budget], "third", 100, 300))[0] == 1  # purges "long" (and "other")
+        assert await client.call("HGET", hash_key, field) is None
+        added, _ = await store.extend([budget], "long", 100, 300)
+        assert added == 100  # taken up again, not refused as if the budget were spent
+        await store.settle([budget], "long", 250)
+    finally:
+        await store.aclose()
+        await client.aclose()

@@ -256,20 +256,24 @@ return 1
 """
 
 EXTEND_LUA = """
--- a stream outgrowing its reservation: add up to ARGV[2] to it, as much as every budget has room for;
--- nothing once the request is settled (or its reservation expired). Returns {added, tightest budget}
-local member, room, tightest = ARGV[1], tonumber(ARGV[2]), 1
+-- a stream outgrowing its reservation: add up to ARGV[2] to it, as much as every budget has room for,
+-- and renew its lease (ARGV[3] ms: a long stream outlives the first one). Nothing once the request is
+-- settled. A reservation whose lease expired (purged by another request) is taken up again from what
+-- is added. Returns {added, tightest budget}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member, room, lease, tightest = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 1
 local f = 'r:' .. member
 local n = #KEYS / 2
 for i = 1, n do
   local h = KEYS[2*i-1]
-  local held = redis.call('HGET', h, f)
-  if not held or held == '-' then return {0, i} end
+  if redis.call('HGET', h, f) == '-' then return {0, i} end
   local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
   local reserved = tonumber(redis.call('HGET', h, 'reserved') or '0')
-  local free = tonumber(ARGV[2 + i]) - spent - reserved
+  local free = tonumber(ARGV[3 + i]) - spent - reserved
   if free < room then room, tightest = free, i end
 end
+for i = 1, n do redis.call('ZADD', KEYS[2*i], now + lease, member) end
 if room <= 0 then return {0, tightest} end
 local add = string.format('%d', room)
 for i = 1, n do
@@ -342,12 +346,13 @@ class RedisBudgets:
         result = await self._reserve(keys=keys, args=[member, amount, lease_ms, *[b.limit for b in budgets]])
         return int(result[0]), int(result[1]), int(result[2])
 
-    async def extend(self, budgets: list[Budget], member: str, step: int) -> tuple[int, int]:
-        """Grow the request's reservation by up to ``step``: (what was added, the tightest budget's index)."""
+    async def extend(self, budgets: list[Budget], member: str, step: int, lease_ms: int) -> tuple[int, int]:
+        """Grow the request's reservation by up to ``step`` and renew its lease: (what was added, the
+        tightest budget's index)."""
         keys: list[str] = []
         for budget in budgets:
             keys += self._keys(budget)
-        result = await self._extend(keys=keys, args=[member, step, *[b.limit for b in budgets]])
+        result = await self._extend(keys=keys, args=[member, step, lease_ms, *[b.limit for b in budgets]])
         return int(result[0]), int(result[1]) - 1
 
     async def seed(self, budget: Budget, spent: int) -> None:
@@ -465,6 +470,7 @@ class StreamGuard:
         "stopped",
         "text",
         "tightest",
+        "unavailable",
     )
 
     def __init__(
@@ -485,6 +491,7 @@ class StreamGuard:
         self.exhausted = False
         self.stopped = False
         self.tightest = 0
+        self.unavailable = False  # the last extension failed on Redis (on_redis_error = "refuse")
         self._extending: asyncio.Task[None] | None = None
 
     def _prices(self) -> None:
@@ -518,10 +525,15 @@ class StreamGuard:
                     return self._stop()
                 self.held += added
             return None
-        # Redis: grow ahead of need, in the background
-        if spend + self.step // 2 > self.held and self._extending is None and not self.exhausted:
+        # Redis: grow ahead of need, in the background (after a Redis failure, once it may answer again)
+        if (
+            spend + self.step // 2 > self.held
+            and self._extending is None
+            and not self.exhausted
+            and time.monotonic() >= self.plugin._redis_down_until
+        ):
             self._extending = asyncio.get_running_loop().create_task(self._extend(), name="budgets-extend")
-        if spend > self.held and self.exhausted:
+        if spend > self.held and (self.exhausted or self.unavailable):
             return self._stop()
         return None
 
@@ -530,16 +542,19 @@ class StreamGuard:
         try:
             if redis is None:
                 raise ConnectionError("the Redis client is closed")
-            added, self.tightest = await redis.extend(self.budgets, self.member, self.step)
+            added, self.tightest = await redis.extend(self.budgets, self.member, self.step, self.plugin.lease_ms)
         except redis_errors() as exc:
             self.plugin._redis_failed(exc)
-            added = 0
-            if self.plugin.on_redis_error == "allow":
+            if self.plugin.on_redis_error == "refuse":
+                self.unavailable = True  # stopped (budget_unavailable) only if it outgrows what it holds
+            else:  # allow / local: Redis cannot say; the stream goes on unwatched rather than cut falsely
                 self.plugin.stats["allowed_without_redis"] += 1
                 self.backend = "none"
-                self.per_token = 0  # not watched any more
+                self.per_token = 0
+            return
         finally:
             self._extending = None
+        self.unavailable = False
         if added:
             self.held += added
         elif self.per_token:
@@ -550,6 +565,11 @@ class StreamGuard:
         self.plugin.stats["streams_stopped"] += 1
         self.stopped = True
         self.per_token = 0  # one error ends the stream; nothing more to watch
+        if self.unavailable and not self.exhausted:
+            return BudgetExceededError(
+                "Budgets cannot be checked right now and this stream outgrew its reservation; the answer was cut short",
+                code="budget_unavailable",
+            )
         per = {"daily": "per day", "weekly": "per week", "monthly": "per month"}.get(budget.period, "in total")
         return BudgetExceededError(
             f"Budget exhausted for this {budget.level} during the stream (${budget.limit / NANO:,.2f} {per}); "
