@@ -530,3 +530,8 @@ async def test_finishing_a_request_twice_releases_its_slot_once(serve_gateway: G
             await plugin.redis.flush()
         with pytest.raises(RateLimitError):
             await plugin.llmgateway_check_limits(request("req-third"))
+        if plugin.redis is not None:
+            # the second finish sent nothing: a release Redis had seen twice would have left a
+            # "released" marker for the request (a release that finds no slot leaves one)
+            marker = await plugin.redis.client.call("ZSCORE", f"{plugin.redis.prefix}rl:released", "req-first")
+            assert marker is None
