@@ -74,7 +74,7 @@ class GatewayHyperConfig(HyperConfig):
     _date: tuple[int, bytes] = (0, b"")
 
     def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
-        if not self.include_date_header or self.alt_svc_headers or self._quic_addresses:
+        if not self.include_date_header or self.alt_svc_headers or getattr(self, "_quic_addresses", None):
             return super().response_headers(protocol)
         now = int(time.time())
         if self._date[0] != now:
