@@ -134,6 +134,10 @@ async def test_rollups_and_retention_keep_the_dashboard_numbers(db: Database) ->
         if k[1] == "team-a"
     }
     top = await queries.totals(db, start, end, group_by="model")
+    [total] = await queries.totals(db, start, end)
+    assert total["requests"] == 3000
+    before = start - dt.timedelta(days=400)
+    assert await queries.totals(db, before, before + dt.timedelta(days=2)) == []  # no traffic: no total
     assert [t["group"] for t in top] == sorted(MODELS, key=lambda m: -sum(r["cost"] for r in rows if r["alias"] == m))
     assert sum(t["requests"] for t in top) == 3000
     no_team = await queries.usage(db, start, end, bucket="day", filters={"team": None})

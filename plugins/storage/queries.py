@@ -358,6 +358,8 @@ async def totals(
     """One total per value of ``group_by`` over the whole range (aligned to days), most expensive
     first (e.g. top teams by cost). Without ``group_by``: a single total (none without traffic)."""
     points = await _points(db, start, end, "day", group_by, filters, by_time=False)
+    if group_by is None:  # an aggregate without GROUP BY answers one row even over no rows at all
+        points = [p for p in points if p.requests]
     points.sort(key=lambda p: (-p.cost, -p.requests, p.group is not None, p.group or ""))
     out = []
     for point in points[:limit] if limit else points:
