@@ -392,3 +392,16 @@ async def test_cleanup_is_offered_as_a_job(serve_gateway: GatewayFactory, tmp_pa
     assert job.schedule == "*/15 * * * *"
     assert (result.hours_rolled, result.usage_deleted) == (48, 0)  # the late window; the current hour is open
     assert len(await usage_rows(f"sqlite://{tmp_path / 'llmgateway.db'}")) == 1
+
+
+async def test_a_large_batch_with_rows_already_written_is_inserted_once(db: Database, tmp_path: Path) -> None:
+    """One batch larger than a single SQLite statement takes (3,000 rows x 27 columns), half of
+    it written before (a spool replayed twice): every row exactly once, decisions too."""
+    from llmgateway.plugins.storage.writer import insert_rows, to_row
+
+    rows = [to_row(record(f"req_{i:05d}", cached=i % 7), decision() if i % 2 else None) for i in range(3_000)]
+    await insert_rows(db, rows[:1_500])
+    await insert_rows(db, rows)
+    found = await fetch(db, "SELECT request_id, cached_tokens FROM usage_records ORDER BY request_id")
+    assert [(r["request_id"], r["cached_tokens"]) for r in found] == [(f"req_{i:05d}", i % 7) for i in range(3_000)]
+    assert len(await fetch(db, "SELECT id FROM routing_decisions")) == 1_500
