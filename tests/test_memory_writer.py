@@ -132,3 +132,30 @@ async def test_replaying_a_large_spool_under_load_keeps_the_queue_bounded(db: Da
     assert largest <= 300
     assert writer.stats.written + writer.stats.replayed == 3_000 + live
     assert list(spool_dir.iterdir()) == []
+
+
+async def test_batches_of_every_size_use_a_handful_of_sqlite_statements(tmp_path: Path) -> None:
+    """sqlite3 keeps the last 128 distinct statements prepared, and a prepared multi-row INSERT is
+    large: batches of 1 to 300 rows must not each get their own statement (that grew the process by
+    ~80 MB)."""
+    from llmgateway.plugins.storage.writer import insert_rows
+
+    async with opened(f"sqlite://{tmp_path / 'shapes.db'}") as sqlite_db:
+        with sqlite_db.activate():
+            await sqlite_db.connection.execute_query("SELECT 1")  # the connection exists
+            connection = sqlite_db.connection._connection  # type: ignore[attr-defined]  # aiosqlite's
+        inserts: set[str] = set()
+
+        def trace(sql: str) -> None:
+            inserts.add(sql.split(" VALUES ")[0] + str(sql.count("),(")))
+
+        # sqlite3 objects belong to aiosqlite's thread
+        await connection._execute(connection._conn.set_trace_callback, trace)
+        written = 0
+        for size in range(1, 301):
+            rows = [to_row(record(f"req_{written + i:06d}", principal=KEY), decision()) for i in range(size)]
+            await insert_rows(sqlite_db, rows)
+            written += size
+        await connection._execute(connection._conn.set_trace_callback, None)
+        assert await count_rows(sqlite_db) == written
+    assert len({s for s in inserts if s.startswith("INSERT")}) <= 2 * 8  # 128, 64 ... 1 rows, two tables

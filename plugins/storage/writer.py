@@ -272,12 +272,16 @@ def _insert_many(conn: Any, sql: str, rows: list[list[Any]]) -> None:
     if not rows or not sep or not close or set(one) - {"?", ","}:  # not the shape we build: row by row
         conn.executemany(sql, rows)
         return
-    columns = len(rows[0])
-    per_statement = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // columns)
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0])
     values = f"({one})"
-    for start in range(0, len(rows), per_statement):
-        part = rows[start : start + per_statement]
-        conn.execute(f"{head} VALUES {','.join([values] * len(part))}{rest}", [v for row in part for v in row])
+    start = 0
+    while start < len(rows):
+        # statements of 128, 64, 32 ... rows: a handful of shapes, so sqlite3's statement cache (128
+        # entries, a prepared multi-row INSERT is large) never fills with one shape per batch size
+        size = 1 << min(7, (len(rows) - start).bit_length() - 1, max(0, limit.bit_length() - 1))
+        part = rows[start : start + size]
+        conn.execute(f"{head} VALUES {','.join([values] * size)}{rest}", [v for row in part for v in row])
+        start += size
 
 
 async def _write_sqlite(client: Any, usage: list[list[Any]], decisions: list[list[Any]]) -> None:
