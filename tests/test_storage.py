@@ -405,3 +405,25 @@ async def test_a_large_batch_with_rows_already_written_is_inserted_once(db: Data
     found = await fetch(db, "SELECT request_id, cached_tokens FROM usage_records ORDER BY request_id")
     assert [(r["request_id"], r["cached_tokens"]) for r in found] == [(f"req_{i:05d}", i % 7) for i in range(3_000)]
     assert len(await fetch(db, "SELECT id FROM routing_decisions")) == 1_500
+
+
+async def test_values_from_outside_that_do_not_fit_their_columns_do_not_poison_a_batch(db: Database) -> None:
+    """The upstream names the model and counts the tokens; a JWT names the user and team. Values too
+    long or too large for their columns (PostgreSQL refuses them) are cut or clamped: the batch they
+    are in is written, instead of failing now and at every replay of the spool."""
+    from llmgateway.plugins.storage.writer import insert_rows, to_row
+
+    jwt_user = Principal(kind="jwt", user_id="u" * 300, team_id="t" * 300)
+    odd = record("req_odd", principal=jwt_user, prompt=10**12, completion=-5, cost=5e9)
+    odd.upstream_model = "m" * 1_000
+    odd.error_code = "e" * 500
+    normal = record("req_normal")
+    await insert_rows(db, [to_row(odd, None), to_row(normal, decision())])
+    rows = {r["request_id"]: r for r in await fetch(db, "SELECT * FROM usage_records")}
+    assert set(rows) == {"req_odd", "req_normal"}
+    row = rows["req_odd"]
+    assert row["upstream_model"] == "m" * 200
+    assert row["error_code"] == "e" * 64
+    assert (row["user_id"], row["team_id"]) == ("u" * 64, "t" * 64)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (2**31 - 1, 0)
+    assert float(row["cost"]) == pytest.approx(999_999.99999999)

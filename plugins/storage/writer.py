@@ -94,10 +94,28 @@ def to_row(record: UsageRecord, decision: RoutingDecision | None) -> Row:
     return row
 
 
+_MAX_COST = 999_999.99999999  # DecimalField(max_digits=14, decimal_places=8)
+_MAX_INT = 2**31 - 1  # IntField: 32 bits on PostgreSQL
+
+
 def _decimal(value: float | None) -> Any:
     from decimal import Decimal
 
-    return None if value is None else Decimal(repr(round(float(value), 8)))
+    if value is None:
+        return None
+    return Decimal(repr(round(min(max(float(value), -_MAX_COST), _MAX_COST), 8)))
+
+
+def _text(value: str | None, size: int) -> str | None:
+    """A string cut to its column's width. Some values come from outside (the upstream's model name,
+    its error code, a JWT's user or team claim): one too long must not fail the batch it is in (on
+    PostgreSQL), which would then fail again at every replay."""
+    return value if value is None or len(value) <= size else value[:size]
+
+
+def _count(value: int) -> int:
+    """A count that fits its 32-bit column (an upstream's usage numbers are not to be trusted)."""
+    return value if 0 <= value <= _MAX_INT else min(max(int(value), 0), _MAX_INT)
 
 
 USAGE_COLUMNS = (
@@ -199,29 +217,29 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
                 row["request_id"],
                 created,
                 int(started // 3600),
-                row["endpoint"],
-                row["key_id"],
-                row["user_id"],
-                row["team_id"],
-                row["alias"],
-                row["provider"],
-                row["deployment"],
-                row["upstream_model"],
-                row["prompt_tokens"],
-                row["completion_tokens"],
-                row["cached_tokens"],
-                row["reasoning_tokens"],
+                _text(row["endpoint"], 32),
+                _text(row["key_id"], 64),
+                _text(row["user_id"], 64),
+                _text(row["team_id"], 64),
+                _text(row["alias"], 200),
+                _text(row["provider"], 200),
+                _text(row["deployment"], 400),
+                _text(row["upstream_model"], 200),
+                _count(row["prompt_tokens"]),
+                _count(row["completion_tokens"]),
+                _count(row["cached_tokens"]),
+                _count(row["reasoning_tokens"]),
                 row["usage_estimated"],
                 _decimal(row["cost"]),
                 _decimal(row["saved_cost"]),
                 row["latency_ms"],
                 row["ttft_ms"],
                 row["status"],
-                row["error_code"],
+                _text(row["error_code"], 64),
                 row["cache_hit"],
                 row["streamed"],
                 row["client_disconnected"],
-                row["attempts"],
+                _count(row["attempts"]),
                 row.get("metadata") or {},
             ]
         )
@@ -232,14 +250,14 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
                 [
                     row["request_id"],
                     created,
-                    decision["alias"],
-                    decision["strategy"],
-                    decision["chosen"],
+                    _text(decision["alias"], 200),
+                    _text(decision["strategy"], 64),
+                    _text(decision["chosen"], 400),
                     decision["reason"],
                     decision["candidates"],
                     fallbacks,
                     bool(fallbacks),
-                    decision["outcome"],
+                    _text(decision["outcome"], 64),
                 ]
             )
 
