@@ -12,7 +12,8 @@
   ``batch_size`` records go to the spool file in one append (on the request that found the queue
   full: a few milliseconds), so memory stays bounded and nothing is dropped. Rows spooled while the
   database answers (the writer could not keep up) are replayed as soon as the queue has drained,
-  interleaved with the live queue so that replaying never makes it overflow again.
+  interleaved with writes of the live queue (a replay does not hold the queue back; when requests
+  still come faster than the database takes rows, the excess goes through the spool again).
 * :meth:`UsageWriter.stop` (lifespan shutdown, e.g. after SIGTERM) flushes what is queued, or spools
   it when the database does not answer within ``timeout``; a request that finishes even later is
   spooled directly. Spool files left by a stopped or crashed process are replayed at the next start.
