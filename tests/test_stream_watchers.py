@@ -43,13 +43,23 @@ async def stream(url: str) -> tuple[int, bytes]:
     return response.status_code, raw
 
 
+async def stream_through(
+    serve_gateway: GatewayFactory, upstream_url: str, **plugins: object
+) -> tuple[int, bytes, Recorder]:
+    """One streamed request through a gateway with ``plugins`` (and a usage recorder) in front of
+    the fake upstream's slow five-word stream."""
+    recorder = Recorder()
+    toml = upstream_toml(upstream_url, models(("m", ["slow-5"])))
+    async with serve_gateway(toml, plugins={**plugins, "rec": recorder}) as gw:
+        status, raw = await stream(gw)
+    return status, raw, recorder
+
+
 async def test_a_watcher_sees_every_chunk_the_client_gets(
     upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory
 ) -> None:
-    _, url = upstream
     watcher = ChunkWatcher(stop_after=None)
-    async with serve_gateway(upstream_toml(url, models(("m", ["slow-5"]))), plugins={"watch": watcher}) as gw:
-        status, raw = await stream(gw)
+    status, raw, _ = await stream_through(serve_gateway, upstream[1], watch=watcher)
     assert status == 200
     assert raw.endswith(b"data: [DONE]\n\n")
     assert b"".join(watcher.seen) == raw
@@ -58,12 +68,8 @@ async def test_a_watcher_sees_every_chunk_the_client_gets(
 async def test_a_watcher_returning_an_error_ends_the_stream_with_that_error(
     upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory
 ) -> None:
-    _, url = upstream
     watcher = ChunkWatcher(stop_after=3)
-    recorder = Recorder()
-    toml = upstream_toml(url, models(("m", ["slow-5"])))
-    async with serve_gateway(toml, plugins={"watch": watcher, "rec": recorder}) as gw:
-        status, raw = await stream(gw)
+    status, raw, recorder = await stream_through(serve_gateway, upstream[1], watch=watcher)
     assert status == 200  # the stream had started
     # the three chunks let through, then the error event; the refused chunk is not sent
     sent = b"".join(watcher.seen[:3])
@@ -91,13 +97,8 @@ async def test_a_watcher_returning_an_error_ends_the_stream_with_that_error(
 async def test_a_watcher_can_refuse_the_very_first_chunk(
     upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory
 ) -> None:
-    _, url = upstream
     watcher = ChunkWatcher(stop_after=0)
-    recorder = Recorder()
-    async with serve_gateway(
-        upstream_toml(url, models(("m", ["slow-5"]))), plugins={"watch": watcher, "rec": recorder}
-    ) as gw:
-        status, raw = await stream(gw)
+    status, raw, recorder = await stream_through(serve_gateway, upstream[1], watch=watcher)
     assert status == 200
     assert raw.startswith(b"data: {")
     assert orjson.loads(raw.removeprefix(b"data: "))["error"]["code"] == "watcher_stop"
@@ -126,11 +127,7 @@ class BrokenWatcher:
 async def test_a_watcher_that_raises_ends_the_stream_with_an_internal_error_and_it_is_accounted(
     upstream: tuple[FakeOpenAI, str], serve_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, url = upstream
-    recorder = Recorder()
-    toml = upstream_toml(url, models(("m", ["slow-5"])))
-    async with serve_gateway(toml, plugins={"broken": BrokenWatcher(), "rec": recorder}) as gw:
-        status, raw = await stream(gw)
+    status, raw, recorder = await stream_through(serve_gateway, upstream[1], broken=BrokenWatcher())
     assert status == 200
     assert b"[DONE]" not in raw
     last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
