@@ -15,6 +15,7 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from llmgateway.core.config import parse_config
@@ -160,3 +161,37 @@ async def test_batches_of_every_size_use_a_handful_of_sqlite_statements(tmp_path
         await connection._execute(connection._conn.set_trace_callback, None)
         assert await count_rows(sqlite_db) == written
     assert len({s for s in inserts if s.startswith("INSERT")}) <= 2 * 8  # 128, 64 ... 1 rows, two tables
+
+
+async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_written(db: Database, tmp_path: Path) -> None:
+    """A row the database will never take (here: no status, a NOT NULL column) must not hold back
+    the rows batched with it, neither live nor in a spool replay, nor be retried forever: the batch
+    is split until the row is alone, the row goes to ``rejected-*.jsonl`` and everything else is
+    written once."""
+    spool_dir = tmp_path / "spool"
+    old = Spool(str(spool_dir))
+    old.pid = 999_999  # a process that is gone: its spool is replayed at start
+    spooled = [to_row(record(f"old_{i:02d}", principal=KEY), decision()) for i in range(10)]
+    spooled[4]["status"] = None
+    old.write(spooled)
+    writer = UsageWriter(db, batch_size=8, flush_interval=0.02, spool_dir=str(spool_dir))
+    with db.activate():
+        writer.start()
+    live = [record(f"new_{i:02d}", principal=KEY) for i in range(20)]
+    live[13].status = None  # type: ignore[assignment]
+    for item in live:
+        writer.put(item, None)
+    try:
+        assert await wait_for_rows(db, 28) == 28
+    finally:
+        await writer.stop()
+    ids = {r["request_id"] for r in await fetch(db, "SELECT request_id FROM usage_records")}
+    assert ids == {f"old_{i:02d}" for i in range(10) if i != 4} | {f"new_{i:02d}" for i in range(20) if i != 13}
+    assert writer.stats.rejected == 2
+    assert writer.stats.written + writer.stats.replayed == 28
+    [rejected] = spool_dir.glob("rejected-*.jsonl")
+    assert sorted(orjson.loads(line)["request_id"] for line in rejected.read_bytes().splitlines()) == [
+        "new_13",
+        "old_04",
+    ]
+    assert not list(spool_dir.glob("usage-*"))  # nothing left to replay, nothing retried forever

@@ -14,6 +14,10 @@
   database answers (the writer could not keep up) are replayed as soon as the queue has drained,
   interleaved with writes of the live queue (a replay does not hold the queue back; when requests
   still come faster than the database takes rows, the excess goes through the spool again).
+* A batch the database refuses while it answers (a row it will never take) is split until the
+  refused rows are alone; those go to ``rejected-<pid>-<token>.jsonl`` in ``spool_dir`` (kept, logged,
+  never replayed) and everything else is written: one bad row never holds back the others, nor is
+  it retried forever.
 * :meth:`UsageWriter.stop` (lifespan shutdown, e.g. after SIGTERM) flushes what is queued, or spools
   it when the database does not answer within ``timeout``; a request that finishes even later is
   spooled directly. Spool files left by a stopped or crashed process are replayed at the next start.
@@ -333,6 +337,16 @@ async def _write_sqlite(client: Any, usage: list[list[Any]], decisions: list[lis
         await connection._execute(run, connection._conn)
 
 
+def _transport_trouble(exc: BaseException) -> bool:
+    """A failure of the connection or of time (the database is down or slow), not of the rows."""
+    from tortoise.exceptions import DBConnectionError
+
+    if isinstance(exc, (TimeoutError, OSError, ConnectionError, DBConnectionError)):
+        return True
+    text = str(exc).lower()  # SQLite shared by several workers: contention, not a bad row
+    return "database is locked" in text or "database is busy" in text
+
+
 class Spool:
     """Append-only JSON-lines files in one directory; see the module docstring for the naming."""
 
@@ -360,6 +374,19 @@ class Spool:
         count = data.count(b"\n")
         self.rows_written += count
         return count
+
+    def reject(self, rows: Iterable[Row]) -> int:
+        """Rows the database refuses by themselves (not because it is down) go to
+        ``rejected-<pid>-<token>.jsonl``: kept for a person to look at, never replayed."""
+        data = b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows)
+        if not data:
+            return 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / f"rejected-{self.pid}-{self.token}.jsonl", "ab") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        return data.count(b"\n")
 
     def has_files(self) -> bool:
         return bool(self.replayable())
@@ -442,6 +469,7 @@ class WriterStats:
     overflowed: int = 0
     failures: int = 0
     batches: int = 0
+    rejected: int = 0  # rows the database refused on their own (kept in rejected-*.jsonl)
 
 
 class UsageWriter:
@@ -573,13 +601,53 @@ class UsageWriter:
         while self.queue:
             self.stats.spooled += self.spool.write(self._drain(self.batch_size), sync=not self.queue)
 
-    async def _write(self, rows: list[Row]) -> bool:
+    async def _insert(self, rows: list[Row]) -> BaseException | None:
+        """Insert ``rows``; the error when that failed. A batch the database refuses while it
+        answers (a row it will never take) is split until the refused rows are alone: those are
+        set aside (:meth:`Spool.reject`), the rest written. Returns an error only when the database
+        itself is in trouble (down, slow): then nothing of ``rows`` was set aside."""
         try:
             async with asyncio.timeout(self.timeout):
                 await insert_rows(self.db, rows)
+            return None
         except Exception as exc:
-            self.stats.failures += 1
+            if _transport_trouble(exc):
+                self.db.reset()
+                return exc
+            if not await self._answers():  # (resets the pool itself)
+                return exc
+            error: BaseException = exc  # the database answers: it is these rows
+        if len(rows) == 1:
+            self.stats.rejected += self.spool.reject(rows)
+            log.error(
+                "the database refused usage row %s (%s: %s); kept in %s, not retried",
+                rows[0].get("request_id"),
+                type(error).__name__,
+                error,
+                self.spool.dir,
+            )
+            return None
+        half = len(rows) // 2
+        for part in (rows[:half], rows[half:]):
+            trouble = await self._insert(part)
+            if trouble is not None:
+                return trouble  # the database went away meanwhile: the caller spools (duplicates are skipped)
+        return None
+
+    async def _answers(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.db.ping()
+        except Exception:
             self.db.reset()
+            return False
+        return True
+
+    async def _write(self, rows: list[Row]) -> bool:
+        rejected = self.stats.rejected
+        exc = await self._insert(rows)
+        if exc is not None:
+            self.stats.failures += 1
             self.stats.spooled += self.spool.write(rows, sync=True)
             if self.down_since is None:
                 self.down_since = time.monotonic()
@@ -590,7 +658,7 @@ class UsageWriter:
                     self.spool.dir,
                 )
             return False
-        self.stats.written += len(rows)
+        self.stats.written += len(rows) - (self.stats.rejected - rejected)
         self.stats.batches += 1
         return True
 
@@ -649,17 +717,15 @@ class UsageWriter:
             file.close()
 
     async def _replay_batch(self, rows: list[Row]) -> bool:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await insert_rows(self.db, rows)
-        except Exception as exc:
+        rejected = self.stats.rejected
+        exc = await self._insert(rows)
+        if exc is not None:
             self.stats.failures += 1
-            self.db.reset()
             if self.down_since is None:
                 self.down_since = time.monotonic()
             log.error("replaying spooled usage rows failed (%s); will retry", type(exc).__name__)
             return False
-        self.stats.replayed += len(rows)
+        self.stats.replayed += len(rows) - (self.stats.rejected - rejected)
         for row in rows:
             self.late_hours.add(int(float(row["started_at"]) // 3600))
         return True
