@@ -63,6 +63,24 @@ def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
     assert {t["target"] for t in data["summary"]["targets"]} >= {"RSS ≤ 80 MB after load"}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra", [[], ["--stream", "--no-storage"], ["--chain", "bare"]], ids=["core", "stream", "bare"]
+)
+def test_inprocess_benchmark_runs(extra: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.inprocess", "--requests", "64", "--concurrency", "4", "--reps", "1", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "64 requests x 1 at concurrency 4: CPU " in out.stdout
+    assert "µs/request" in out.stdout
+
+
 class Recorder:
     """An upstream that records the headers it got and answers JSON (gzip unless ``compress`` is
     off) with a cookie and rate-limit headers."""
