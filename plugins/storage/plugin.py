@@ -30,7 +30,10 @@ Tortoise's global fallback for code running elsewhere (a test body).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +56,18 @@ log = logging.getLogger("llmgateway.storage")
 
 class SchemaBehindError(RuntimeError):
     """The database needs migrations and ``migrate_on_startup`` is false."""
+
+
+def _return_freed_memory() -> None:
+    """Migrating a new database builds and drops a lot (measured: +36 MB of RSS for the four
+    migrations, ~1 MB of it live objects); glibc keeps the freed heap for the life of the process
+    unless asked to give it back. Asked once, after migrating: the server then starts ~20 MB lighter."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl...): nothing to trim
+            pass
 
 
 class StoragePlugin:
@@ -133,6 +148,7 @@ class StoragePlugin:
                 ran = await db.migrate()
                 if ran:
                     log.info("database %s migrated: %s", self.settings.display_url, ", ".join(ran))
+                    _return_freed_memory()
             else:
                 status = await db.status()
                 if status.pending:
