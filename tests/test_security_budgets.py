@@ -378,6 +378,12 @@ def test_the_memory_backend_forgets_past_periods() -> None:
     memory.settle(past, 100, 50)  # a request of a past period ending late changes nothing
     # one counter per budget and current period: a long-running process does not keep every period's
     assert set(memory.counters) == {b.name for b in current}
+    # a stream that began in a period now over (a daily budget across midnight) is not cut for it:
+    # the old period bounds nothing any more; budgets still current keep bounding the growth
+    assert memory.extend(past, 300) == (300, 0)
+    tight = Budget("team", "t-periods", 150, "daily", *period_bounds("daily", now)[0:3])
+    memory.seed(tight, 0)
+    assert memory.extend([past[0], tight], 300) == (150, 1)
 
 
 # ---- [budgets] stop_streams --------------------------------------------------------------------

@@ -167,8 +167,8 @@ class MemoryBudgets:
         counters = []
         for index, budget in enumerate(budgets):
             counter = self.counters.get(budget.name)
-            if counter is None:  # its period is over
-                return 0, index
+            if counter is None:  # its period is over (a stream across midnight): it bounds nothing now
+                continue
             counters.append(counter)
             free = budget.limit - counter[0] - counter[1]
             if free < room:
