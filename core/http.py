@@ -132,13 +132,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             _timeouts(request, self._connect, self._read),
             request,
         )
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=_ResponseStream(response),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
+        return _response(response, _ResponseStream(response), request)
 
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -207,9 +201,22 @@ def _wire_headers(client: GatewayClient, url: str, headers: Mapping[str, str]) -
     return wire
 
 
-def _finish(
-    client: GatewayClient, response: httpx.Response, url: str, content: bytes, headers: Mapping[str, str]
+def _response(
+    upstream: aiohttp.ClientResponse, stream: httpx.AsyncByteStream | httpx.ByteStream, request: httpx.Request | None
 ) -> httpx.Response:
+    """The ``httpx.Response`` for an aiohttp answer: the header bytes as they came (httpx decodes
+    them itself), the body from ``stream``."""
+    return httpx.Response(
+        status_code=upstream.status,
+        headers=upstream.raw_headers,
+        stream=stream,
+        request=request,
+        extensions={"http_version": b"HTTP/1.1"},
+    )
+
+
+def _logged(url: str, response: httpx.Response) -> httpx.Response:
+    """The log line httpx's client writes for a request (the short paths skip the client)."""
     if _httpx_log.isEnabledFor(logging.INFO):
         _httpx_log.info('HTTP Request: POST %s "HTTP/1.1 %d %s"', url, response.status_code, response.reason_phrase)
     return response
@@ -253,19 +260,14 @@ async def post_bytes(
         upstream.close()
         raise httpx.ReadError(f"upstream connection lost: {type(exc).__name__}") from None
     upstream.release()
-    response = httpx.Response(
-        status_code=upstream.status,
-        headers=upstream.raw_headers,
-        stream=httpx.ByteStream(raw),
-        extensions={"http_version": b"HTTP/1.1"},
-    )
+    response = _response(upstream, httpx.ByteStream(raw), None)
     if "Content-Encoding" in upstream.headers:
         response.read()  # decodes Content-Encoding exactly as aread() would
     else:
         # what read() ends with for an unencoded body, without its decoder and chunker machinery
         response._content = raw
         response.is_stream_consumed = response.is_closed = True
-    return _finish(client, response, url, content, headers)
+    return _logged(url, response)
 
 
 async def open_stream(
@@ -289,13 +291,7 @@ async def open_stream(
     upstream = await fast._send(
         "POST", url, _wire_headers(client, url, headers), content, client.aiohttp_timeout(), None
     )
-    response = httpx.Response(
-        status_code=upstream.status,
-        headers=upstream.raw_headers,
-        stream=_ResponseStream(upstream),
-        extensions={"http_version": b"HTTP/1.1"},
-    )
-    return _finish(client, response, url, content, headers)
+    return _logged(url, _response(upstream, _ResponseStream(upstream), None))
 
 
 def make_client(config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
