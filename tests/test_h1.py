@@ -1,0 +1,511 @@
+"""The upstream HTTP/1.1 client (core/h1.py) against raw TCP servers that write exact bytes: body
+framing split at every byte, keep-alive and its limits, malformed answers, timeouts, the pool
+limit, early close, header injection, TLS. The gateway-level behaviour (errors mapped for clients,
+streams forwarded) is covered by the proxy and streaming tests; this is the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmgateway.core.h1 import H1Pool, H1Transport
+
+Handler = Callable[["Conn"], Awaitable[None]]
+
+
+class Conn:
+    """One accepted connection, as the scripted server sees it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.server = server
+
+    async def request(self) -> bytes | None:
+        """The next request (head and body), or None at EOF."""
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        body = await self.reader.readexactly(length)
+        self.server.requests.append(head + body)
+        return head + body
+
+    async def send(self, data: bytes, *, bytewise: bool = False) -> None:
+        if bytewise:
+            for i in range(len(data)):
+                self.writer.write(data[i : i + 1])
+                await self.writer.drain()
+                await asyncio.sleep(0)
+        else:
+            self.writer.write(data)
+            await self.writer.drain()
+
+
+class Server:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.connections += 1
+        conn = Conn(reader, writer, self)
+        try:
+            await self.handler(conn)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client went away, or the test is over
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def serving(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[tuple[Server, str]]:
+    server = Server(handler)
+    tcp = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=ssl_context)
+    port = tcp.sockets[0].getsockname()[1]
+    scheme = "https" if ssl_context else "http"
+    try:
+        yield server, f"{scheme}://127.0.0.1:{port}"
+    finally:
+        tcp.close()
+        for task in server.tasks:
+            task.cancel()
+        await asyncio.gather(*server.tasks, return_exceptions=True)
+        await tcp.wait_closed()
+
+
+def answers(*responses: bytes, bytewise: bool = False) -> Handler:
+    """A handler that answers each request the server gets with the next response (repeating the
+    last), keeping the connection open until the client closes it."""
+
+    async def handler(conn: Conn) -> None:
+        while await conn.request() is not None:
+            i = len(conn.server.requests) - 1
+            await conn.send(responses[min(i, len(responses) - 1)], bytewise=bytewise)
+
+    return handler
+
+
+def json_answer(body: bytes = b'{"ok":true}', extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
+        len(body),
+        extra,
+        body,
+    )
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n"
+    b"5;ext=1\r\nhello\r\n"
+    b"1A\r\n, world; and more bytes...\r\n"
+    b"0\r\nx-trailer: yes\r\n\r\n"
+)
+
+
+async def post(pool: H1Pool, url: str, body: bytes = b"{}", **timeouts: float) -> tuple[int, bytes]:
+    response = await pool.request(
+        b"POST",
+        url + "/v1/chat",
+        [(b"host", b"upstream"), (b"content-type", b"application/json")],
+        body,
+        connect_timeout=timeouts.get("connect", 5.0),
+        read_timeout=timeouts.get("read", 5.0),
+        pool_timeout=timeouts.get("pool_wait"),
+    )
+    return response.status, await response.read()
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one-write", "byte-by-byte"])
+async def test_content_length_and_chunked_bodies_whatever_the_packet_boundaries(bytewise: bool) -> None:
+    async with serving(answers(json_answer(), CHUNKED, json_answer(b"[]"), bytewise=bytewise)) as (server, url):
+        pool = H1Pool()
+        try:
+            assert await post(pool, url) == (200, b'{"ok":true}')
+            response = await pool.request(
+                b"POST", url + "/v1/chat", [(b"host", b"x")], b"{}", connect_timeout=5, read_timeout=5
+            )
+            pieces = [piece async for piece in response]
+            assert b"".join(pieces) == b"hello, world; and more bytes..."
+            assert response.headers[0] == (b"transfer-encoding", b"chunked")
+            assert await post(pool, url) == (200, b"[]")
+        finally:
+            await pool.aclose()
+    assert server.connections == 1  # three requests, one kept-alive connection
+    first = server.requests[0]
+    assert first.startswith(b"POST /v1/chat HTTP/1.1\r\nhost: upstream\r\ncontent-type: application/json\r\n")
+    assert first.endswith(b"content-length: 2\r\n\r\n{}")
+
+
+async def test_a_streamed_body_arrives_piece_by_piece_as_the_server_writes_it() -> None:
+    release = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: 1\r\n")
+        await release.wait()
+        await conn.send(b"7\r\ndata: 2\r\n0\r\n\r\n")
+
+    async with serving(handler) as (_, url):
+        pool = H1Pool()
+        try:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
+            pieces = aiter(response)
+            assert await anext(pieces) == b"data: 1"  # before the server wrote the rest
+            release.set()
+            assert await anext(pieces) == b"data: 2"
+            with pytest.raises(StopAsyncIteration):
+                await anext(pieces)
+        finally:
+            await pool.aclose()
+
+
+async def test_informational_answers_are_skipped_and_head_and_204_have_no_body() -> None:
+    continue_then_ok = b"HTTP/1.1 100 Continue\r\n\r\n" + json_answer()
+    no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 99\r\n\r\n"
+    async with serving(answers(continue_then_ok, no_content, json_answer())) as (server, url):
+        pool = H1Pool()
+        try:
+            assert await post(pool, url) == (200, b'{"ok":true}')
+            assert await post(pool, url) == (204, b"")
+            assert await post(pool, url) == (200, b'{"ok":true}')  # the 204 left the connection usable
+        finally:
+            await pool.aclose()
+    assert server.connections == 1
+
+
+async def test_a_body_delimited_by_close_is_read_to_the_end_and_the_connection_not_reused() -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\npart one, ")
+        await conn.send(b"part two")
+        conn.writer.close()
+
+    async with serving(handler) as (server, url):
+        pool = H1Pool()
+        try:
+            assert await post(pool, url) == (200, b"part one, part two")
+            assert await post(pool, url) == (200, b"part one, part two")
+        finally:
+            await pool.aclose()
+    assert server.connections == 2
+
+
+async def test_connection_close_and_a_server_closing_idle_connections_mean_a_new_connection() -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(json_answer(extra=b"connection: close\r\n") if conn.server.connections == 1 else json_answer())
+        # the server closes every connection after one answer (an idle timeout, at once)
+
+    async with serving(handler) as (server, url):
+        pool = H1Pool()
+        try:
+            for _ in range(3):
+                assert await post(pool, url) == (200, b'{"ok":true}')
+                await asyncio.sleep(0.05)  # the server's FIN arrives while the connection is idle
+        finally:
+            await pool.aclose()
+    assert server.connections == 3  # never a failed request on a connection the server had closed
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 2x0 OK\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXX0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n",
+    ],
+    ids=[
+        "status",
+        "version",
+        "no-colon",
+        "obs-fold",
+        "two-lengths",
+        "negative-length",
+        "chunk-size",
+        "chunk-size-underscore",
+        "chunk-end",
+        "te-not-chunked",
+        "switching",
+        "head-too-large",
+    ],
+)
+async def test_malformed_answers_are_remote_protocol_errors_and_the_connection_is_dropped(answer: bytes) -> None:
+    async with serving(answers(answer, json_answer())) as (server, url):
+        pool = H1Pool()
+        try:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await post(pool, url)
+            assert await post(pool, url) == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"",
+        b"HTTP/1.1 200 OK\r\ncontent-le",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab",
+    ],
+    ids=["nothing", "in-head", "in-body", "in-chunk"],
+)
+async def test_an_answer_cut_short_is_an_error_not_a_short_body(partial: bytes) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(partial)
+
+    async with serving(handler) as (_, url):
+        pool = H1Pool()
+        try:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await post(pool, url)
+        finally:
+            await pool.aclose()
+
+
+async def test_read_timeouts_bound_the_wait_for_the_head_and_each_silence_in_the_body() -> None:
+    async def silent(conn: Conn) -> None:
+        await conn.request()
+        await asyncio.sleep(10)
+
+    async def stalls_mid_body(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+        await asyncio.sleep(10)
+
+    async def slow_but_steady(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n")
+        for piece in (b"ab", b"cd", b"ef"):
+            await asyncio.sleep(0.15)
+            await conn.send(piece)
+
+    for handler in (silent, stalls_mid_body):
+        async with serving(handler) as (_, url):
+            pool = H1Pool()
+            try:
+                with pytest.raises(httpx.ReadTimeout):
+                    await post(pool, url, read=0.2)
+            finally:
+                await pool.aclose()
+    async with serving(slow_but_steady) as (_, url):
+        pool = H1Pool()
+        try:  # 0.45 s in all, never 0.25 s of silence
+            assert await post(pool, url, read=0.25) == (200, b"abcdef")
+        finally:
+            await pool.aclose()
+
+
+async def test_connect_errors_and_timeouts_are_httpx_errors() -> None:
+    pool = H1Pool()
+    try:
+        probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = probe.sockets[0].getsockname()[1]
+        probe.close()
+        await probe.wait_closed()
+        with pytest.raises(httpx.ConnectError):
+            await post(pool, f"http://127.0.0.1:{port}")
+        with socket.socket() as full:  # a listener that never accepts, its queue full: SYNs are dropped
+            full.bind(("127.0.0.1", 0))
+            full.listen(0)
+            queued = [socket.create_connection(full.getsockname(), timeout=2)]  # the one place in the queue
+            try:
+                with pytest.raises(httpx.ConnectTimeout):
+                    await post(pool, "http://%s:%d" % full.getsockname(), connect=0.2)
+            finally:
+                for sock in queued:
+                    sock.close()
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await post(pool, "ftp://127.0.0.1:21")
+    finally:
+        await pool.aclose()
+
+
+async def test_the_pool_limit_queues_requests_and_the_pool_timeout_bounds_the_wait() -> None:
+    gate = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await gate.wait()
+            await conn.send(json_answer())
+
+    async with serving(handler) as (server, url):
+        pool = H1Pool(max_connections=1)
+        try:
+            first = asyncio.create_task(post(pool, url))
+            second = asyncio.create_task(post(pool, url))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.PoolTimeout):
+                await post(pool, url, pool_wait=0.1)
+            gate.set()
+            assert await first == (200, b'{"ok":true}')
+            assert await second == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+    assert server.connections == 1
+
+
+async def test_closing_a_stream_early_closes_its_connection_and_the_server_sees_it() -> None:
+    disconnected = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                await conn.send(b"7\r\ndata: x\r\n")
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            disconnected.set()
+
+    async with serving(handler) as (server, url):
+        pool = H1Pool()
+        try:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
+            async for piece in response:
+                assert piece == b"data: x"
+                break
+            response.close()
+            await asyncio.wait_for(disconnected.wait(), 5)
+            assert not pool._open  # nothing left to reuse
+        finally:
+            await pool.aclose()
+
+
+async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
+    size = 8 * 1024 * 1024
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + bytes(range(256)) * (size // 256))
+
+    async with serving(handler) as (_, url):
+        pool = H1Pool()
+        try:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=2)
+            received = bytearray()
+            async for piece in response:
+                received += piece
+                if len(received) < 2 * 1024 * 1024:
+                    await asyncio.sleep(0.01)  # slower than loopback
+            assert len(received) == size
+            assert received[:256] == bytes(range(256)) and received[-256:] == bytes(range(256))
+        finally:
+            await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"host", b"x"), (b"x-evil", b"a\r\nx-injected: 1")],
+        [(b"host", b"x"), (b"x-evil", b"a\nb")],
+        [(b"host", b"x"), (b"x-evil: y", b"a")],
+        [(b"host", b"x"), (b"x-nul", b"a\x00")],
+    ],
+    ids=["crlf", "lf", "colon-in-name", "nul"],
+)
+async def test_header_injection_is_refused_before_anything_is_sent(headers: list[tuple[bytes, bytes]]) -> None:
+    async with serving(answers(json_answer())) as (server, url):
+        pool = H1Pool()
+        try:
+            with pytest.raises(httpx.LocalProtocolError):
+                await pool.request(b"POST", url + "/", headers, b"{}", connect_timeout=5, read_timeout=5)
+        finally:
+            await pool.aclose()
+    assert server.requests == []
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+async def test_tls_upstreams_are_verified(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    async with serving(answers(json_answer()), server_ctx) as (server, url):
+        trusting = H1Pool(ssl_context=ssl.create_default_context(cafile=str(cert)))
+        default = H1Pool()
+        try:
+            assert await post(trusting, url) == (200, b'{"ok":true}')
+            assert await post(trusting, url) == (200, b'{"ok":true}')
+            with pytest.raises(httpx.ConnectError, match="TLS"):
+                await post(default, url)  # an unknown issuer is refused
+        finally:
+            await trusting.aclose()
+            await default.aclose()
+
+
+async def test_the_httpx_transport_speaks_for_any_request() -> None:
+    async def handler(conn: Conn) -> None:
+        while (request := await conn.request()) is not None:
+            line = request.split(b"\r\n", 1)[0]
+            await conn.send(json_answer(b'"' + line + b'"'))
+
+    async with serving(handler) as (server, url):
+        async with httpx.AsyncClient(transport=H1Transport()) as client:
+            got = await client.get(f"{url}/v1/models?limit=2", headers={"x-a": "1"})
+            assert got.json() == "GET /v1/models?limit=2 HTTP/1.1"
+            assert got.reason_phrase == "OK"
+            got = await client.post(f"{url}/v1/x", json={"a": 1})
+            assert got.json() == "POST /v1/x HTTP/1.1"
+    get = server.requests[0]
+    assert b"content-length" not in get.lower()  # no body, no length on a GET
+    assert b"\r\nx-a: 1\r\n" in get
+    assert server.connections == 1
