@@ -17,7 +17,7 @@ import pytest
 from llmgateway.core.app import create_app
 from llmgateway.core.config import parse_config
 from llmgateway.core.errors import ConfigError
-from llmgateway.core.types import Principal
+from llmgateway.core.types import ANONYMOUS, Principal
 from llmgateway.plugins.storage.database import Database
 from llmgateway.plugins.storage.plugin import SchemaBehindError
 from llmgateway.plugins.storage.sql import fetch
@@ -427,3 +427,58 @@ async def test_values_from_outside_that_do_not_fit_their_columns_do_not_poison_a
     assert (row["user_id"], row["team_id"]) == ("u" * 64, "t" * 64)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (2**31 - 1, 0)
     assert float(row["cost"]) == pytest.approx(999_999.99999999)
+
+
+def test_sqlite_rows_carry_exactly_what_tortoise_and_sqlite3_would_store() -> None:
+    """On SQLite the writer encodes values itself (the per-value conversions cost more than the
+    insert); what it binds must equal what Tortoise's field conversion followed by sqlite3's adapters
+    binds, value for value and type for type, for timestamps whose microseconds round up into the
+    next second, halves, whole seconds, and every column's odd cases."""
+    import random
+    import sqlite3
+
+    import tortoise.backends.sqlite.executor  # noqa: F401  # registers the adapters Tortoise uses on SQLite
+
+    from llmgateway.plugins.storage.models import RoutingDecisionRecord, UsageRecord
+    from llmgateway.plugins.storage.writer import (
+        DECISION_COLUMNS,
+        USAGE_COLUMNS,
+        _row_lists,
+        _values,
+        to_row,
+    )
+
+    rng = random.Random(7)
+    stamps = [1_700_000_000.0, 1_700_000_000.9999996, 1_700_000_000.0000005, 1_700_000_000.0000015, 0.25]
+    stamps += [rng.uniform(1.5e9, 2.0e9) for _ in range(2_000)]
+    odd = Principal(kind="key", key_id="k1", user_id="u" * 80, team_id=None)
+    rows = []
+    for i, stamp in enumerate(stamps):
+        usage = record(
+            f"req_{i}",
+            started_at=stamp,
+            cost=None if i % 5 == 0 else rng.choice([0.0, 1e-9, 0.123456789, 5e9]),
+            ttft_ms=None if i % 2 else 12.5,
+            cache_hit=i % 3 == 0,
+            streamed=i % 4 == 0,
+            status=499 if i % 7 == 0 else 200,
+            principal=odd if i % 2 else ANONYMOUS,
+        )
+        usage.metadata = {"tag": "x", "n": i} if i % 3 else {}
+        rows.append(to_row(usage, decision(fallbacks=["a/b/c#1"] if i % 2 else None) if i % 6 else None))
+
+    def stored(value: object) -> object:
+        adapted = sqlite3.adapt(value, sqlite3.PrepareProtocol, value)  # what sqlite3 binds
+        return int(adapted) if isinstance(adapted, bool) else adapted
+
+    fast_usage, fast_decisions = _row_lists(rows, sqlite=True)
+    slow_usage, slow_decisions = _row_lists(rows, sqlite=False)
+    for model, columns, fast, slow in (
+        (UsageRecord, USAGE_COLUMNS, fast_usage, slow_usage),
+        (RoutingDecisionRecord, DECISION_COLUMNS, fast_decisions, slow_decisions),
+    ):
+        fields = [model._meta.fields_map[c] for c in columns]
+        assert len(fast) == len(slow) > 1_000
+        for fast_row, slow_row in zip(fast, slow, strict=True):
+            expected = [stored(v) for v in _values(fields, model, slow_row)]
+            assert [(type(v), v) for v in fast_row] == [(type(v), v) for v in expected]

@@ -33,12 +33,14 @@ import collections
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +106,6 @@ _MAX_INT = 2**31 - 1  # IntField: 32 bits on PostgreSQL
 
 
 def _decimal(value: float | None) -> Any:
-    from decimal import Decimal
-
     if value is None:
         return None
     return Decimal(repr(round(min(max(float(value), -_MAX_COST), _MAX_COST), 8)))
@@ -203,20 +203,74 @@ def _values(fields: list[Any], model: Any, values: list[Any]) -> list[Any]:
     ]
 
 
-async def insert_rows(db: Database, rows: list[Row]) -> None:
-    """Insert usage rows and their decisions in one transaction; rows already present are skipped.
+class _Encoding:
+    """How the row lists carry the values that are not plain strings and numbers: as the Python
+    objects Tortoise's fields take (PostgreSQL, through ``to_db_value``), or as what SQLite stores.
 
-    Rows go straight from the spool format to ``executemany`` (no model instances: several times
-    faster), through Tortoise's statement builder and its field conversions."""
-    from tortoise.transactions import in_transaction
+    The SQLite encoding is what Tortoise's field conversions and the sqlite3 adapters it registers
+    produce (``isoformat(" ")`` of the UTC datetime, ``str`` of the decimal, the JSON field's encoder,
+    0/1 for a boolean) — tests compare the two paths — without their per-value dispatch: through
+    ``to_db_value`` and sqlite3's adapter registry the conversions cost ~40 µs per row, more than SQLite
+    spends inserting it."""
 
-    from .models import RoutingDecisionRecord, UsageRecord
+    def __init__(self, sqlite: bool) -> None:
+        from .models import UsageRecord
 
+        self.sqlite = sqlite
+        encoder = UsageRecord._meta.fields_map["metadata"].encoder  # type: ignore[attr-defined]
+        self.flag: Callable[[Any], Any] = int if sqlite else bool
+        self.json: Callable[[Any], Any] = encoder if sqlite else _same
+        self.money: Callable[[float | None], Any] = _decimal_text if sqlite else _decimal
+        self.time: Callable[[float], Any] = _sqlite_time if sqlite else _utc
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _utc(started: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(started, UTC)
+
+
+def _decimal_text(value: float | None) -> str | None:
+    return None if value is None else str(_decimal(value))
+
+
+_SECONDS: dict[int, str] = {}
+
+
+def _sqlite_time(started: float) -> str:
+    """``datetime.fromtimestamp(started, UTC).isoformat(" ")`` for a timestamp ≥ 0, about five times
+    faster: microseconds rounded like ``fromtimestamp`` (half to even, carried into the second), the
+    formatted second reused across the rows of a batch."""
+    fraction, whole = math.modf(started)
+    micro = round(fraction * 1e6)
+    second = int(whole)
+    if micro >= 1_000_000:
+        second += 1
+        micro -= 1_000_000
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) > 4096:
+            _SECONDS.clear()
+        prefix = _SECONDS[second] = dt.datetime.fromtimestamp(second, UTC).replace(tzinfo=None).isoformat(" ")
+    return f"{prefix}.{micro:06d}+00:00" if micro else f"{prefix}+00:00"
+
+
+_ENCODINGS: dict[bool, _Encoding] = {}
+
+
+def _row_lists(rows: list[Row], sqlite: bool) -> tuple[list[list[Any]], list[list[Any]]]:
+    """The usage and decision rows as column lists (``USAGE_COLUMNS``, ``DECISION_COLUMNS``)."""
+    enc = _ENCODINGS.get(sqlite)
+    if enc is None:
+        enc = _ENCODINGS[sqlite] = _Encoding(sqlite)
+    flag, json, money, time_of = enc.flag, enc.json, enc.money, enc.time
     usage: list[list[Any]] = []
     decisions: list[list[Any]] = []
     for row in rows:
         started = float(row["started_at"])
-        created = dt.datetime.fromtimestamp(started, UTC)
+        created = time_of(started)
         usage.append(
             [
                 row["request_id"],
@@ -234,18 +288,18 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
                 _count(row["completion_tokens"]),
                 _count(row["cached_tokens"]),
                 _count(row["reasoning_tokens"]),
-                row["usage_estimated"],
-                _decimal(row["cost"]),
-                _decimal(row["saved_cost"]),
+                flag(row["usage_estimated"]),
+                money(row["cost"]),
+                money(row["saved_cost"]),
                 row["latency_ms"],
                 row["ttft_ms"],
                 row["status"],
                 _text(row["error_code"], 64),
-                row["cache_hit"],
-                row["streamed"],
-                row["client_disconnected"],
+                flag(row["cache_hit"]),
+                flag(row["streamed"]),
+                flag(row["client_disconnected"]),
                 _count(row["attempts"]),
-                row.get("metadata") or {},
+                json(row.get("metadata") or {}),
             ]
         )
         decision = row.get("decision")
@@ -259,16 +313,31 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
                     _text(decision["strategy"], 64),
                     _text(decision["chosen"], 400),
                     decision["reason"],
-                    decision["candidates"],
-                    fallbacks,
-                    bool(fallbacks),
+                    json(decision["candidates"]),
+                    json(fallbacks),
+                    flag(bool(fallbacks)),
                     _text(decision["outcome"], 64),
                 ]
             )
+    return usage, decisions
+
+
+async def insert_rows(db: Database, rows: list[Row]) -> None:
+    """Insert usage rows and their decisions in one transaction; rows already present are skipped.
+
+    Rows go straight from the spool format to ``executemany`` (no model instances: several times
+    faster), through Tortoise's statement builder; on PostgreSQL through its field conversions, on
+    SQLite as the values those conversions would store (:class:`_Encoding`)."""
+    from tortoise.transactions import in_transaction
+
+    from .models import RoutingDecisionRecord, UsageRecord
+
+    sqlite = db.dialect == "sqlite"
+    usage, decisions = _row_lists(rows, sqlite)
 
     async def write() -> None:
         with db.activate():
-            if db.dialect == "sqlite":
+            if sqlite:
                 await _write_sqlite(db.connection, usage, decisions)
                 return
             async with in_transaction() as conn:
@@ -317,17 +386,15 @@ async def _write_sqlite(client: Any, usage: list[list[Any]], decisions: list[lis
     connection lock is held meanwhile, so no other query runs inside the transaction."""
     from .models import RoutingDecisionRecord, UsageRecord
 
-    usage_sql, fields = _statement(client, UsageRecord, USAGE_COLUMNS)
-    usage_values = [_values(fields, UsageRecord, v) for v in usage]
-    decision_sql, fields = _statement(client, RoutingDecisionRecord, DECISION_COLUMNS)
-    decision_values = [_values(fields, RoutingDecisionRecord, v) for v in decisions]
+    usage_sql, _ = _statement(client, UsageRecord, USAGE_COLUMNS)
+    decision_sql, _ = _statement(client, RoutingDecisionRecord, DECISION_COLUMNS)
 
     def run(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN")
         try:
-            _insert_many(conn, usage_sql, usage_values)
-            if decision_values:
-                _insert_many(conn, decision_sql, decision_values)
+            _insert_many(conn, usage_sql, usage)
+            if decisions:
+                _insert_many(conn, decision_sql, decisions)
         except BaseException:
             conn.rollback()
             raise
