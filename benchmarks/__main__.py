@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--baselines",
         action="store_true",
-        help="also measure hypercorn alone and a bare hypercorn + aiohttp proxy (benchmarks/baselines.py)",
+        help="also measure hypercorn alone and a bare hypercorn + upstream-client proxy (benchmarks/baselines.py)",
     )
     run.add_argument("--out", type=Path, default=HERE / "results", help="where latest.{md,json,png} go")
     again = sub.add_parser("report", help="re-render latest.md and latest.png from latest.json")

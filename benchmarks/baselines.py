@@ -3,9 +3,11 @@ cost with no gateway logic at all, measured in the same run as the gateway.
 
 * ``static``: an ASGI app that answers every POST with a canned chat completion (or a canned SSE
   stream when the body asks for one) without calling any upstream — the server alone.
-* ``proxy``: an ASGI app that posts the body to the upstream with one shared aiohttp session and
-  hands the answer back (streams forwarded read by read) — the server plus the upstream client, the
-  floor under any proxy written on the same two libraries.
+* ``proxy``: an ASGI app that posts the body to the upstream through one shared
+  :class:`llmgateway.core.h1.H1Pool` (the gateway's own upstream client) and hands the answer back
+  (streams forwarded piece by piece) — the server plus the upstream client, the floor under any
+  proxy written on the same two pieces. (Before 2026-11-27 16:00 UTC this row used aiohttp, then
+  the gateway's client.)
 
 Both run under ``hypercorn -k uvloop``, one worker, like the gateway's default. The upstream URL comes
 from ``$BASELINE_UPSTREAM``.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import aiohttp
+from llmgateway.core.h1 import H1Pool
 
 _ANSWER = (
     b'{"id":"chatcmpl-static","object":"chat.completion","created":0,"model":"bench","choices":[{"index":0,'
@@ -65,29 +67,32 @@ async def static(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-_session: aiohttp.ClientSession | None = None
+_pool: H1Pool | None = None
+_HEADERS = [(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-bench-upstream")]
 
 
 async def proxy(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    global _session
+    global _pool
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
-        if _session is not None:
-            await _session.close()
+        if _pool is not None:
+            await _pool.aclose()
         return
-    if _session is None:
-        _session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+    if _pool is None:
+        _pool = H1Pool(max_connections=256)
     body = await _body(receive)
     url = os.environ["BASELINE_UPSTREAM"] + "/v1/chat/completions"
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench-upstream"}
-    async with _session.post(url, data=body, headers=headers) as upstream:
-        if b'"stream":true' in body:
-            await send({"type": "http.response.start", "status": upstream.status, "headers": _SSE})
-            async for chunk in upstream.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        payload = await upstream.read()
+    target = _pool.target(url)
+    upstream = await _pool.request(
+        b"POST", target, [(b"host", target.host_header), *_HEADERS], body, connect_timeout=5, read_timeout=60
+    )
+    if b'"stream":true' in body:
+        await send({"type": "http.response.start", "status": upstream.status, "headers": _SSE})
+        async for chunk in upstream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    payload = await upstream.read()
     headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -6,7 +6,7 @@
 A canned upstream runs in its own process (``benchmarks.upstream``); the ASGI app built from a
 generated gateway.toml (master key, one OpenAI-compatible deployment, storage on its default SQLite
 file in a temporary directory unless ``--no-storage``) is called directly with prebuilt ``scope`` /
-``receive`` / ``send``. ``--chain bare`` drives :func:`benchmarks.baselines.proxy` instead (aiohttp
+``receive`` / ``send``. ``--chain bare`` drives :func:`benchmarks.baselines.proxy` instead (the upstream client
 alone, the floor). Prints CPU µs per request of this process (every thread: the SQLite writer's
 too), minimum and median of ``--reps`` runs, and the time to the first body byte.
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--stream", action="store_true", help="streamed requests (8-chunk streams)")
-    parser.add_argument("--chain", choices=("core", "bare"), default="core", help="bare: aiohttp alone")
+    parser.add_argument("--chain", choices=("core", "bare"), default="core", help="bare: the upstream client alone")
     parser.add_argument("--no-storage", action="store_true", help="the storage plugin disabled")
     parser.add_argument("--reps", type=int, default=5, help="runs; min and median are printed")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile, top N functions")

@@ -282,7 +282,7 @@ class Runner:
             if self.s.baselines:
                 for app, label in (
                     ("static", "hypercorn alone (canned answer, no upstream call)"),
-                    ("proxy", "hypercorn + aiohttp proxy (no gateway logic)"),
+                    ("proxy", "hypercorn + h1 proxy (no gateway logic)"),
                 ):
                     self.run_baseline(f"baseline_{app}", label, app)
             self.run_llmgateway("llmgateway", "llmgateway (hypercorn, 1 worker)")

@@ -340,7 +340,7 @@ async def test_connect_errors_and_timeouts_are_httpx_errors() -> None:
             queued = [socket.create_connection(full.getsockname(), timeout=2)]  # the one place in the queue
             try:
                 with pytest.raises(httpx.ConnectTimeout):
-                    await post(pool, "http://%s:%d" % full.getsockname(), connect=0.2)
+                    await post(pool, "http://{}:{}".format(*full.getsockname()), connect=0.2)
             finally:
                 for sock in queued:
                     sock.close()
@@ -387,7 +387,7 @@ async def test_closing_a_stream_early_closes_its_connection_and_the_server_sees_
         except ConnectionError:
             disconnected.set()
 
-    async with serving(handler) as (server, url):
+    async with serving(handler) as (_, url):
         pool = H1Pool()
         try:
             response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
@@ -418,7 +418,8 @@ async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
                 if len(received) < 2 * 1024 * 1024:
                     await asyncio.sleep(0.01)  # slower than loopback
             assert len(received) == size
-            assert received[:256] == bytes(range(256)) and received[-256:] == bytes(range(256))
+            assert received[:256] == bytes(range(256))
+            assert received[-256:] == bytes(range(256))
         finally:
             await pool.aclose()
 
@@ -479,7 +480,7 @@ async def test_tls_upstreams_are_verified(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
-    async with serving(answers(json_answer()), server_ctx) as (server, url):
+    async with serving(answers(json_answer()), server_ctx) as (_, url):
         trusting = H1Pool(ssl_context=ssl.create_default_context(cafile=str(cert)))
         default = H1Pool()
         try:
