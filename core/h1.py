@@ -17,10 +17,10 @@ reused; idle longer than ``keepalive_timeout``, or closed by the server meanwhil
 A request is never re-sent on a new connection once its bytes were written (POST is not
 idempotent); a reused connection found closed before writing is replaced.
 
-Timeouts: ``connect`` bounds connecting (TCP and TLS); ``read`` bounds the wait for the answer's
-head after the request is written and every silence between two pieces of the body (a slow reader
-pausing the socket does not count); ``pool`` bounds the wait for a free connection when
-``max_connections`` are busy.
+Timeouts: ``connect`` bounds connecting (TCP and TLS); ``read`` bounds every wait of the reader:
+for the answer's head after the request is written, then for each next piece of the body (like a
+socket read: time the reader spends elsewhere, its socket paused, does not count); ``pool`` bounds the
+wait for a free connection when ``max_connections`` are busy.
 
 Errors are httpx's, so callers see the same exceptions whatever the transport:
 ``ConnectTimeout``, ``ConnectError`` (refused, DNS, TLS), ``PoolTimeout``, ``ReadTimeout``,
@@ -31,6 +31,7 @@ Errors are httpx's, so callers see the same exceptions whatever the transport:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -140,7 +141,7 @@ class _Connection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._state = _IDLE
-        self._rest = b""
+        self._rest = bytearray()
         self._left = 0
         self._response: H1Response | None = None
 
@@ -155,15 +156,26 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         response._last_rx = response._loop.time()
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
+        rest = self._rest
+        if rest:
+            if self._state == _HEAD:  # search only the new bytes (and the 3 before): no rescans
+                scanned = len(rest)
+                rest += data
+                if rest.find(b"\r\n\r\n", max(0, scanned - 3)) < 0:
+                    if len(rest) > _MAX_HEAD:
+                        self._fail(httpx.RemoteProtocolError("upstream response head too large"))
+                    return
+            else:
+                rest += data
+            data = bytes(rest)
+            rest.clear()
         try:
             self._parse(response, data)
         except httpx.RemoteProtocolError as exc:
             self._fail(exc)
 
     def eof_received(self) -> bool:
+        self.closed = True  # never handed out again, even before connection_lost runs
         response = self._response
         if response is not None:
             if self._state == _UNTIL_CLOSE:
@@ -187,7 +199,8 @@ class _Connection(asyncio.Protocol):
 
     def send(self, response: H1Response, data: bytes, body: bytes) -> None:
         transport = self.transport
-        assert transport is not None
+        if transport is None or self.closed:
+            raise httpx.ReadError("upstream connection lost")
         self._response = response
         self._state = _HEAD
         if len(body) > 65_536:
@@ -244,7 +257,7 @@ class _Connection(asyncio.Protocol):
                 if head_end < 0:
                     if end - pos > _MAX_HEAD:
                         raise httpx.RemoteProtocolError("upstream response head too large")
-                    self._rest = data[pos:]
+                    self._rest = bytearray(data[pos:])
                     return
                 if head_end - pos > _MAX_HEAD:
                     raise httpx.RemoteProtocolError("upstream response head too large")
@@ -259,7 +272,7 @@ class _Connection(asyncio.Protocol):
                 if eol < 0:
                     if end - pos > _MAX_CHUNK_LINE:
                         raise httpx.RemoteProtocolError("malformed chunked body from the upstream")
-                    self._rest = data[pos:]
+                    self._rest = bytearray(data[pos:])
                     return
                 size = data[pos:eol].partition(b";")[0].strip(_OWS)
                 if not size or len(size) > 16 or size.strip(_HEX):
@@ -274,7 +287,7 @@ class _Connection(asyncio.Protocol):
                 continue
             if state == _CHUNK_END:
                 if end - pos < 2:
-                    self._rest = data[pos:]
+                    self._rest = bytearray(data[pos:])
                     return
                 if data[pos : pos + 2] != b"\r\n":
                     raise httpx.RemoteProtocolError("malformed chunked body from the upstream")
@@ -289,7 +302,7 @@ class _Connection(asyncio.Protocol):
                     if stop < 0:
                         if end - pos > _MAX_HEAD:
                             raise httpx.RemoteProtocolError("upstream trailers too large")
-                        self._rest = data[pos:]
+                        self._rest = bytearray(data[pos:])
                         return
                     pos = stop + 4
                 self._complete(response, keep=response._keep_alive and pos == end)
@@ -303,6 +316,9 @@ class _Connection(asyncio.Protocol):
 
     def _head(self, response: H1Response, head: bytes) -> None:
         lines = head.split(b"\r\n")
+        breaks = len(lines) - 1
+        if head.count(b"\r") != breaks or head.count(b"\n") != breaks or b"\x00" in head:
+            raise httpx.RemoteProtocolError("bare CR, LF or NUL in the upstream's response head")
         status_line = lines[0]
         version = status_line[:8]
         code = status_line[9:12]
@@ -311,6 +327,7 @@ class _Connection(asyncio.Protocol):
             or status_line[8:9] != b" "
             or len(code) != 3
             or not code.isdigit()
+            or code[0] == 48  # "0": no status below 100
             or status_line[12:13] not in (b"", b" ")
         ):
             raise httpx.RemoteProtocolError("malformed status line from the upstream")
@@ -332,15 +349,17 @@ class _Connection(asyncio.Protocol):
                         raise httpx.RemoteProtocolError("conflicting Content-Length from the upstream")
                     length = value
                 elif lower == b"transfer-encoding":
-                    chunked = value.lower().rsplit(b",", 1)[-1].strip(_OWS) == b"chunked"
-                    if not chunked:
+                    if chunked or value.lower() != b"chunked":  # gzip, chunked...: not decoded here
                         raise httpx.RemoteProtocolError("unsupported Transfer-Encoding from the upstream")
+                    chunked = True
                 elif lower == b"connection":
                     tokens = value.lower()
                     if b"close" in tokens:
                         keep_alive = False
                     elif b"keep-alive" in tokens:
                         keep_alive = True
+        if chunked and (length is not None or version == b"HTTP/1.0"):
+            keep_alive = False  # framing a proxy may have read differently: read by chunks, then close
         if status < 200:
             if status == 101:
                 raise httpx.RemoteProtocolError("the upstream switched protocols")
@@ -362,9 +381,14 @@ class _Connection(asyncio.Protocol):
     def _complete(self, response: H1Response, *, keep: bool) -> None:
         self._state = _IDLE
         self._response = None
-        self._rest = b""
+        self._rest.clear()
+        if response._paused:  # a slow reader paused the socket; the next request needs it reading
+            response._paused = False
+            self.resume()
         response._end()
-        if keep and not self.closed:
+        transport = self.transport
+        # an answer that came before the whole request was written (an early 413...): not reusable
+        if keep and not self.closed and transport is not None and not transport.get_write_buffer_size():
             self._pool._release(self)
         else:
             self.close()
@@ -487,11 +511,14 @@ class H1Response:
         self._timer = None
         if self._done:
             return
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # the reader is busy (or slow): its next wait re-arms
+            return
         assert self._read_timeout is not None
         due = self._last_rx + self._read_timeout
         now = self._loop.time()
-        if self._paused or now < due:  # data came meanwhile, or the reader is the slow one
-            self._timer = self._loop.call_at(max(due, now + 0.05), self._check_timeout)
+        if now < due:  # data came meanwhile
+            self._timer = self._loop.call_at(due, self._check_timeout)
             return
         conn = self._conn
         what = "the upstream's answer" if not self.status else "the upstream response"
@@ -503,10 +530,20 @@ class H1Response:
 
     # -- called by the reader ---------------------------------------------------------------------
 
+    def _resume(self) -> None:
+        self._paused = False
+        if self._conn is not None:
+            self._conn.resume()
+
     async def _wait(self) -> None:
+        """Wait for the next event. The read timeout counts from here (or from the last byte, if
+        later): like a socket read, time the reader spends elsewhere does not count."""
         waiter = self._waiter
         if waiter is None:
             waiter = self._waiter = self._loop.create_future()
+        self._last_rx = now = self._loop.time()
+        if self._timer is None and self._read_timeout is not None:
+            self._timer = self._loop.call_at(now + self._read_timeout, self._check_timeout)
         try:
             await waiter
         except asyncio.CancelledError:
@@ -522,9 +559,8 @@ class H1Response:
 
     async def read(self) -> bytes:
         """The whole body (waits for its end)."""
-        if self._paused and self._conn is not None:
-            self._paused = False
-            self._conn.resume()
+        if self._paused:
+            self._resume()
         self._streaming = False
         while not self._done:
             await self._wait()
@@ -547,9 +583,8 @@ class H1Response:
             while chunks:
                 chunk = chunks.popleft()
                 self._buffered -= len(chunk)
-                if self._paused and self._buffered < _LOW_WATER and self._conn is not None:
-                    self._paused = False
-                    self._conn.resume()
+                if self._paused and self._buffered < _LOW_WATER:
+                    self._resume()
                 yield chunk
             if self._done:
                 if self._exc is not None:
@@ -667,18 +702,22 @@ class H1Pool:
                 else:
                     async with asyncio.timeout_at(deadline):
                         await waiter
-            except TimeoutError:
-                raise httpx.PoolTimeout("no free upstream connection in time") from None
-            finally:
-                if not waiter.done():
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving (cancelled, timed out): pass it on
+                else:
                     waiter.cancel()
-                with _suppress_value_error():
-                    self._waiters.remove(waiter)
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise httpx.PoolTimeout("no free upstream connection in time") from None
+                raise
 
     async def _connect(
         self, loop: asyncio.AbstractEventLoop, target: Target, connect_timeout: float | None
     ) -> _Connection:
         self._connecting += 1
+        conn: _Connection | None = None
         try:
             try:
                 async with asyncio.timeout(connect_timeout):
@@ -700,13 +739,19 @@ class H1Pool:
                 raise httpx.ConnectError(f"TLS with {target.host}:{target.port} failed: {exc.reason}") from None
             except OSError:
                 raise httpx.ConnectError(f"cannot connect to {target.host}:{target.port}") from None
+            if self._closed:
+                conn.close()
+                raise httpx.ConnectError("the upstream connection pool is closed")
+            if conn.closed or conn.transport is None:  # closed by the server before we got to use it
+                raise httpx.ConnectError(f"{target.host}:{target.port} closed the connection at once")
+            self._open.add(conn)
+            return conn
+        except BaseException:
+            if self._waiters:
+                self._wake_one()  # the slot this attempt held is free again
+            raise
         finally:
             self._connecting -= 1
-        if self._closed:
-            conn.close()
-            raise httpx.ConnectError("the upstream connection pool is closed")
-        self._open.add(conn)
-        return conn
 
     def _evict_idle(self) -> None:
         oldest: _Connection | None = None
@@ -779,14 +824,6 @@ class H1Pool:
                 waiter.set_exception(httpx.ConnectError("the upstream connection pool is closed"))
         self._waiters.clear()
         await asyncio.sleep(0)  # let the transports run their close callbacks
-
-
-class _suppress_value_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
-        return kind is ValueError
 
 
 class _H1Stream(httpx.AsyncByteStream):

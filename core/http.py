@@ -45,19 +45,20 @@ class GatewayClient(httpx.AsyncClient):
             headers={"accept-encoding": "identity"},
         )
         self.pool = transport.pool if isinstance(transport, H1Transport) else None
-        self._defaults: tuple[httpx.Headers, list[tuple[str, bytes, bytes]]] | None = None
+        self._defaults: tuple[list[tuple[bytes, bytes]], list[tuple[str, bytes, bytes]]] | None = None
 
     def default_headers(self) -> list[tuple[str, bytes, bytes]]:
-        """The client's own headers as (lower-case name, raw name, raw value), cached while
-        ``self.headers`` stays the same object."""
+        """The client's own headers as (lower-case name, raw name, raw value), cached while they
+        stay the same (replaced or changed in place)."""
+        raw = self.headers.raw
         cached = self._defaults
-        if cached is None or cached[0] is not self.headers:
-            raw = [
+        if cached is None or cached[0] != raw:
+            wire = [
                 (name.decode("ascii").lower(), name.lower(), value)
-                for name, value in self.headers.raw
+                for name, value in raw
                 if name.decode("ascii").lower() not in _HOP_HEADERS
             ]
-            cached = self._defaults = (self.headers, raw)
+            cached = self._defaults = (raw, wire)
         return cached[1]
 
 
@@ -80,13 +81,13 @@ def _wire_headers(client: GatewayClient, host: bytes, headers: Mapping[str, str]
     """What httpx would send: Host, the client's defaults not overridden, then ``headers``
     (lower-cased names; values in ASCII like httpx, else ``httpx.LocalProtocolError``)."""
     try:
-        own = [(key.lower(), value.encode("ascii")) for key, value in headers.items()]
+        own = [(key.lower(), key.lower().encode("ascii"), value.encode("ascii")) for key, value in headers.items()]
     except UnicodeEncodeError:
-        raise httpx.LocalProtocolError("a request header value is not ASCII") from None
-    names = {key for key, _ in own}
+        raise httpx.LocalProtocolError("a request header is not ASCII") from None
+    names = {key for key, _, _ in own}
     wire = [] if "host" in names else [(b"host", host)]
     wire += [(raw, value) for name, raw, value in client.default_headers() if name not in names]
-    wire += [(key.encode("ascii"), value) for key, value in own if key not in _HOP_HEADERS]
+    wire += [(raw, value) for key, raw, value in own if key not in _HOP_HEADERS]
     return wire
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmgateway.core.h1 import H1Pool, H1Transport
+from llmgateway.core.h1 import _HIGH_WATER, H1Pool, H1Transport
 
 Handler = Callable[["Conn"], Awaitable[None]]
 
@@ -238,6 +238,7 @@ async def test_connection_close_and_a_server_closing_idle_connections_mean_a_new
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXX0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n",
     ],
@@ -252,6 +253,7 @@ async def test_connection_close_and_a_server_closing_idle_connections_mean_a_new
         "chunk-size-underscore",
         "chunk-end",
         "te-not-chunked",
+        "te-gzip-chunked",
         "switching",
         "head-too-large",
     ],
@@ -510,3 +512,249 @@ async def test_the_httpx_transport_speaks_for_any_request() -> None:
     assert b"content-length" not in get.lower()  # no body, no length on a GET
     assert b"\r\nx-a: 1\r\n" in get
     assert server.connections == 1
+
+
+# Regression (the code once did this): a streamed answer whose last bytes push the buffer over the high-water mark pauses the
+# socket and completes in the same data_received: the connection goes back to the pool paused and
+# the next request on it never sees its answer.
+async def test_a_connection_paused_by_a_slow_reader_is_not_reused_paused() -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        body = b"x" * (_HIGH_WATER + 11)
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body[:10])
+        await asyncio.sleep(0.1)
+        await conn.send(body[10:])  # crosses the high-water mark only with its very last byte
+        while await conn.request() is not None:
+            await conn.send(json_answer())
+
+    async with serving(handler) as (server, url):
+        pool = H1Pool()
+        try:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
+            pieces = aiter(response)
+            received = len(await anext(pieces))
+            await asyncio.sleep(0.3)  # slow reader: everything arrives meanwhile
+            async for piece in pieces:
+                received += len(piece)
+            assert received == _HIGH_WATER + 11
+            assert await post(pool, url, read=1.0) == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+    assert server.connections == 1
+
+
+# Regression (the code once did this): a connect attempt that fails (or is cancelled) frees its slot without waking a request
+# waiting for one: that request waits for the pool timeout (forever without one).
+async def test_a_failed_connect_wakes_a_request_waiting_for_its_slot() -> None:
+    with socket.socket() as full:  # a listener that never accepts, its queue full: connects hang
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = socket.create_connection(full.getsockname(), timeout=2)
+        try:
+            async with serving(answers(json_answer())) as (_, url):
+                pool = H1Pool(max_connections=1)
+                try:
+                    hanging = asyncio.create_task(
+                        post(pool, f"http://{full.getsockname()[0]}:{full.getsockname()[1]}", connect=0.3)
+                    )
+                    await asyncio.sleep(0.05)
+                    waiting = asyncio.create_task(post(pool, url))  # the pool is full: it waits
+                    with pytest.raises(httpx.ConnectTimeout):
+                        await hanging
+                    assert await asyncio.wait_for(waiting, 2) == (200, b'{"ok":true}')
+                finally:
+                    await pool.aclose()
+        finally:
+            queued.close()
+
+
+# Regression (the code once did this): a waiter woken by a released connection, then cancelled before it runs, swallows the
+# wake-up: the next waiter sleeps although a connection is idle.
+async def test_a_cancelled_woken_waiter_passes_the_wake_up_on() -> None:
+    gate = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+        await gate.wait()
+        await conn.send(b"cd")
+        while await conn.request() is not None:
+            await conn.send(json_answer())
+
+    async with serving(handler) as (server, url):
+        pool = H1Pool(max_connections=1)
+        try:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
+            first = asyncio.create_task(post(pool, url))
+            second = asyncio.create_task(post(pool, url))
+            await asyncio.sleep(0.05)  # both wait for the one connection
+            gate.set()
+            assert await response.read() == b"abcd"  # wakes `first`, which has not run yet...
+            first.cancel()  # ...and is cancelled (its client went away)
+            assert await asyncio.wait_for(second, 2) == (200, b'{"ok":true}')
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        finally:
+            await pool.aclose()
+    assert server.connections == 1
+
+
+# Regression (the code once did this): the read timeout keeps counting from the last byte received while the reader had the
+# socket paused: right after the reader catches up, a ReadTimeout fires although the upstream was
+# silent for much less than the timeout outside the pause.
+async def test_time_spent_paused_by_a_slow_reader_does_not_count_as_upstream_silence() -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        body = b"x" * (_HIGH_WATER + 1)
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(body) + 5) + body[:10])
+        await asyncio.sleep(0.1)
+        await conn.send(body[10:])
+        await asyncio.sleep(1.5)  # 1.2 s of it with the client paused, 0.3 s after it resumes
+        await conn.send(b"hello")
+
+    async with serving(handler) as (_, url):
+        pool = H1Pool()
+        try:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=0.8)
+            pieces = aiter(response)
+            received = len(await anext(pieces))
+            await asyncio.sleep(1.3)  # the slow reader: the socket is paused for ~1.2 s
+            async for piece in pieces:
+                received += len(piece)
+            assert received == _HIGH_WATER + 6
+        finally:
+            await pool.aclose()
+
+
+# Regression (the code once did this): status "000"/"099" is not a valid status code but is taken for a 1xx and skipped;
+# the body that follows is then parsed as the next head.
+async def test_a_status_below_100_is_a_protocol_error() -> None:
+    async with serving(answers(b"HTTP/1.1 000 Zero\r\ncontent-length: 0\r\n\r\n")) as (_, url):
+        pool = H1Pool()
+        try:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await post(pool, url, read=1.0)
+        finally:
+            await pool.aclose()
+
+
+# Regression (the code once did this): a bare CR inside a header line is accepted and handed up as part of a value
+# (RFC 9112 2.2: MUST be treated as invalid or replaced by SP).
+async def test_a_bare_cr_in_a_response_header_is_refused() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nx-a: 1\rset-cookie: s=1\r\ncontent-length: 2\r\n\r\nok"
+    async with serving(answers(answer)) as (_, url):
+        pool = H1Pool()
+        try:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await post(pool, url)
+        finally:
+            await pool.aclose()
+
+
+# Regression (the code once did this): between eof_received (server closed an idle connection) and connection_lost the
+# connection is not marked closed, so _acquire can hand it out; the request is written into a
+# closing transport and fails with "closed the connection without answering" instead of being
+# sent on a new connection. Emulates exactly what asyncio's transport does on EOF.
+async def test_a_connection_whose_eof_was_seen_is_not_handed_out() -> None:
+    async with serving(answers(json_answer())) as (server, url):
+        pool = H1Pool()
+        try:
+            assert await post(pool, url) == (200, b'{"ok":true}')
+            (conn,) = pool._open
+            assert conn.eof_received() is False  # the FIN arrives: asyncio then closes the transport
+            assert conn.transport is not None
+            conn.transport.close()  # (connection_lost only runs on the next loop iteration)
+            assert await post(pool, url) == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+    assert server.connections == 2
+
+
+# a request cancelled while waiting for the head drops its connection and frees its slot.
+async def test_cancel_while_waiting_for_the_head_frees_the_slot() -> None:
+    first = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        if not first.is_set():
+            first.set()
+            await conn.request()
+            await asyncio.sleep(10)
+        await answers(json_answer())(conn)
+
+    async with serving(handler) as (_, url):
+        pool = H1Pool(max_connections=1)
+        try:
+            task = asyncio.create_task(post(pool, url))
+            await first.wait()
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not pool._open
+            assert pool._connecting == 0
+            assert await post(pool, url, pool_wait=1.0) == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+
+
+# bytes arriving after an answer in the same read mean the connection is not reused.
+async def test_extra_bytes_after_an_answer_mean_a_new_connection() -> None:
+    async with serving(answers(json_answer() + b"GARBAGE", json_answer())) as (server, url):
+        pool = H1Pool()
+        try:
+            assert await post(pool, url) == (200, b'{"ok":true}')
+            assert await post(pool, url) == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+    assert server.connections == 2
+
+
+async def test_head_and_304_with_a_length_keep_the_connection() -> None:
+    answers_ = (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+        json_answer(),
+    )
+    async with serving(answers(*answers_)) as (server, url):
+        pool = H1Pool()
+        try:
+            response = await pool.request(b"HEAD", url + "/", [], b"", connect_timeout=5, read_timeout=5)
+            assert (response.status, await response.read()) == (200, b"")
+            assert await post(pool, url) == (304, b"")
+            assert await post(pool, url) == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+    assert server.connections == 1
+
+
+# cancelling a request while it connects gives the slot back.
+async def test_cancel_while_connecting_frees_the_slot() -> None:
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = socket.create_connection(full.getsockname(), timeout=2)
+        try:
+            pool = H1Pool(max_connections=1)
+            task = asyncio.create_task(post(pool, f"http://{full.getsockname()[0]}:{full.getsockname()[1]}", connect=5))
+            await asyncio.sleep(0.05)
+            assert pool._connecting == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert pool._connecting == 0
+            assert not pool._open
+            await pool.aclose()
+        finally:
+            queued.close()
+
+
+async def test_a_length_next_to_chunked_coding_reads_chunks_then_closes() -> None:
+    both = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    async with serving(answers(both, json_answer())) as (server, url):
+        pool = H1Pool()
+        try:
+            assert await post(pool, url) == (200, b"hello")
+            assert await post(pool, url) == (200, b'{"ok":true}')
+        finally:
+            await pool.aclose()
+    assert server.connections == 2  # framing another hop may have read differently: not reused
