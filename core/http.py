@@ -23,7 +23,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 
 from .config import ProviderConfig
-from .h1 import H1Pool, H1Transport, to_httpx
+from .h1 import H1Pool, H1Response, H1Transport, to_httpx
 
 _httpx_log = logging.getLogger("httpx")
 
@@ -98,6 +98,23 @@ def _logged(url: str, response: httpx.Response) -> httpx.Response:
     return response
 
 
+async def _post(
+    pool: H1Pool, client: GatewayClient, url: str, content: bytes, headers: Mapping[str, str]
+) -> H1Response:
+    """The short paths' request: what httpx would send, with the client's timeouts."""
+    target = pool.target(url)
+    t = client.timeout
+    return await pool.request(
+        b"POST",
+        target,
+        _wire_headers(client, target.host_header, headers),
+        content,
+        connect_timeout=t.connect,
+        read_timeout=t.read,
+        pool_timeout=t.pool,
+    )
+
+
 async def post_bytes(
     client: httpx.AsyncClient,
     url: str,
@@ -119,17 +136,7 @@ async def post_bytes(
         await response.aread()
         return response
     assert isinstance(client, GatewayClient)
-    target = pool.target(url)
-    t = client.timeout
-    upstream = await pool.request(
-        b"POST",
-        target,
-        _wire_headers(client, target.host_header, headers),
-        content,
-        connect_timeout=t.connect,
-        read_timeout=t.read,
-        pool_timeout=t.pool,
-    )
+    upstream = await _post(pool, client, url, content, headers)
     raw = await upstream.read()
     response = to_httpx(upstream, httpx.ByteStream(raw))
     if "content-encoding" in response.headers:
@@ -159,18 +166,7 @@ async def open_stream(
         request = client.build_request("POST", url, content=content, headers=headers, params=params)
         return await client.send(request, stream=True)
     assert isinstance(client, GatewayClient)
-    target = pool.target(url)
-    t = client.timeout
-    upstream = await pool.request(
-        b"POST",
-        target,
-        _wire_headers(client, target.host_header, headers),
-        content,
-        connect_timeout=t.connect,
-        read_timeout=t.read,
-        pool_timeout=t.pool,
-    )
-    return _logged(url, to_httpx(upstream))
+    return _logged(url, to_httpx(await _post(pool, client, url, content, headers)))
 
 
 def make_client(config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
