@@ -77,13 +77,15 @@ class Server:
 
 
 @asynccontextmanager
-async def serving(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[tuple[Server, str]]:
+async def serving(
+    handler: Handler, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[tuple[Server, str]]:
     server = Server(handler)
-    tcp = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=ssl_context)
+    tcp = await asyncio.start_server(server._serve, host, 0, ssl=ssl_context)
     port = tcp.sockets[0].getsockname()[1]
     scheme = "https" if ssl_context else "http"
     try:
-        yield server, f"{scheme}://127.0.0.1:{port}"
+        yield server, f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
     finally:
         tcp.close()
         for task in server.tasks:
@@ -758,3 +760,11 @@ async def test_a_length_next_to_chunked_coding_reads_chunks_then_closes() -> Non
         finally:
             await pool.aclose()
     assert server.connections == 2  # framing another hop may have read differently: not reused
+
+
+async def test_an_ipv6_upstream_is_dialled_and_named_in_host() -> None:
+    async with serving(answers(json_answer()), host="::1") as (server, url):
+        async with httpx.AsyncClient(transport=H1Transport()) as client:
+            assert (await client.post(f"{url}/v1/chat", content=b"{}")).json() == {"ok": True}
+    port = url.rsplit(":", 1)[1]
+    assert f"\r\nhost: [::1]:{port}\r\n".encode() in server.requests[0].lower()
