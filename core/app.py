@@ -71,6 +71,9 @@ class Gateway:
     readiness: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     draining: bool = False
+    # set by `llmgateway serve`: this process is a server (not a test or an embedding), so plugins may
+    # do process-level work at startup (the storage plugin migrates a new database in a child process)
+    serving: bool = False
     _id_prefix: str = field(default_factory=lambda: _secrets.token_hex(8))
     _counter: int = 0
 

@@ -23,7 +23,12 @@ from .config import GatewayConfig
 
 def app_from_env() -> ASGIApp:
     """Factory for worker processes: the config path comes from ``$LLMGATEWAY_CONFIG``."""
-    return create_app(os.environ.get("LLMGATEWAY_CONFIG", "gateway.toml"))
+    return _serving(create_app(os.environ.get("LLMGATEWAY_CONFIG", "gateway.toml")))
+
+
+def _serving(app: ASGIApp) -> ASGIApp:
+    gateway_of(app).serving = True
+    return app
 
 
 def _event_loop_factory() -> Any:
@@ -59,7 +64,7 @@ def serve(config: GatewayConfig, *, host: str, port: int, workers: int, server: 
         hyper.worker_class = "uvloop" if _event_loop_factory() else "asyncio"
         run(hyper)
         return
-    app = create_app(config)
+    app = _serving(create_app(config))
     factory = _event_loop_factory()
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_serve_hypercorn(app, hyper))

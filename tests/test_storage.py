@@ -482,3 +482,45 @@ def test_sqlite_rows_carry_exactly_what_tortoise_and_sqlite3_would_store() -> No
         for fast_row, slow_row in zip(fast, slow, strict=True):
             expected = [stored(v) for v in _values(fields, model, slow_row)]
             assert [(type(v), v) for v in fast_row] == [(type(v), v) for v in expected]
+
+
+async def start_and_stop(app: object) -> list[object]:
+    """Run an app's lifespan: startup, then shutdown; the message types it sent."""
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[object] = []
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)  # type: ignore[operator]
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_serving_gateway_migrates_a_new_database_in_a_child_process(
+    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``llmgateway serve`` on a database that needs migrations runs them in a short-lived child
+    process (the server keeps the memory migrating fragments), then finds nothing left to run;
+    an app that is not serving (tests, embeddings) migrates itself as before."""
+    from llmgateway.core.app import gateway_of
+
+    for serving in (True, False):
+        (tmp_path / str(serving)).mkdir()
+        async with database_url(kind, tmp_path / str(serving)) as url:  # a new, empty database
+            toml = f'[database]\nurl = "{url}"\n' + DEMO
+            app = create_app(parse_config(toml, file=str(tmp_path / "gateway.toml")))
+            gateway_of(app).serving = serving
+            caplog.clear()
+            with caplog.at_level("INFO", logger="llmgateway.storage"):
+                sent = await start_and_stop(app)
+            assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+            logged = [r.getMessage() for r in caplog.records]
+            in_child = [m for m in logged if "migrated (in a child process): 0001_initial, " in m]
+            in_server = [m for m in logged if "migrated: 0001_initial" in m]
+            assert (len(in_child), len(in_server)) == ((1, 0) if serving else (0, 1)), logged
+            async with opened(url, migrate=False) as db:
+                assert not (await db.status()).pending

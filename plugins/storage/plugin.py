@@ -30,17 +30,21 @@ Tortoise's global fallback for code running elsewhere (a test body).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import typer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmgateway.core.config import GatewayConfig
+from llmgateway.core.errors import redact
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.jobs import Job
 from llmgateway.core.types import RequestContext, UsageRecord
@@ -145,7 +149,9 @@ class StoragePlugin:
         await db.open()
         try:
             if self.settings.migrate_on_startup:
-                ran = await db.migrate()
+                if gateway.serving and (await db.status()).pending:
+                    await self._migrate_in_child()
+                ran = await db.migrate()  # nothing left when the child did it; here otherwise
                 if ran:
                     log.info("database %s migrated: %s", self.settings.display_url, ", ".join(ran))
                     _return_freed_memory()
@@ -162,6 +168,36 @@ class StoragePlugin:
             raise
         gateway.state["storage"] = self
         self.writer.start()
+
+    async def _migrate_in_child(self) -> None:
+        """Migrate in a short-lived process (see :mod:`.migrate_child`: the server keeps ~16 MB less).
+        Should it fail, the server migrates itself right after and reports what went wrong."""
+        from . import migrate_child
+
+        env = {
+            **os.environ,
+            migrate_child.URL_ENV: self.settings.url,
+            migrate_child.TIMEOUT_ENV: str(self.settings.timeout),
+        }
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            migrate_child.__name__,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await child.communicate()
+        text = out.decode(errors="replace").strip()
+        if child.returncode == 0:
+            log.info("database %s migrated (in a child process): %s", self.settings.display_url, text)
+        else:
+            last = text.splitlines()[-1] if text else f"exit status {child.returncode}"
+            password = urlsplit(self.settings.url).password
+            log.warning(
+                "migrating in a child process failed (%s); migrating in the server",
+                redact(last.replace(self.settings.url, self.settings.display_url), [password] if password else []),
+            )
 
     @hookimpl(tryfirst=True)  # shutdown runs in reverse call order: this one last
     async def llmgateway_shutdown(self, gateway: Any) -> None:
