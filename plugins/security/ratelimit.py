@@ -253,14 +253,15 @@ end
 # and when the window resets), its size once (the size after adding is one more), token totals
 # only for scopes with a tpm, and expired concurrency leases purged only when the scope looks full.
 ADMIT_LUA = (
-    _FIELDS
-    + _PURGE
+    _PURGE
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix, member = ARGV[1], ARGV[2]
 local window, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
-local f = fields(ARGV[5])
+-- the scopes, five arguments each (name, rpm, tpm, max parallel, tokens): separate arguments, no
+-- string to split (splitting one packed string was an eighth of this script's time)
+local f = {unpack(ARGV, 5)}
 local n = #f / 5
 -- released already (its client gave up waiting for this answer, and released the slots): take nothing
 if redis.call('ZSCORE', prefix .. 'rl:released', member) then return {0, 1, 'released', 1000, 0} end
@@ -415,7 +416,7 @@ class RedisBackend:
         self.client = client
         self.prefix = prefix
         self.lease_ms = lease_ms
-        self._packed_rules: dict[tuple[str, Rule], str] = {}
+        self._rule_args: dict[tuple[str, Rule], tuple[bytes, ...]] = {}
         self._admit = Script(client, ADMIT_LUA)
         self._finish = Script(client, FINISH_LUA)
         self._batches: BackgroundBatches[Finished] = BackgroundBatches(
@@ -431,22 +432,29 @@ class RedisBackend:
         base = f"{self.prefix}rl:{scope.name}"
         return [f"{base}:log", f"{base}:tok", f"{base}:conc"]
 
-    def _packed(self, scope: Scope) -> str:
-        """A scope's name and rule, packed (the same for every request of that scope: kept)."""
+    def _args(self, scope: Scope) -> tuple[bytes, ...]:
+        """A scope's name and rule as script arguments, encoded (the same for every request of that
+        scope: kept)."""
         key = (scope.name, scope.rule)
-        packed = self._packed_rules.get(key)
-        if packed is None:
-            if len(self._packed_rules) >= 10_000:
-                self._packed_rules.clear()
+        args = self._rule_args.get(key)
+        if args is None:
+            if len(self._rule_args) >= 10_000:
+                self._rule_args.clear()
             rule = scope.rule
-            packed = self._packed_rules[key] = _pack(
-                [scope.name, _arg(rule.rpm), _arg(rule.tpm), _arg(rule.max_parallel)]
+            args = self._rule_args[key] = (
+                scope.name.encode(),
+                b"%d" % _arg(rule.rpm),
+                b"%d" % _arg(rule.tpm),
+                b"%d" % _arg(rule.max_parallel),
             )
-        return packed
+        return args
 
     async def admit(self, member: str, scopes: list[Scope], lease_ms: int) -> Verdict:
-        packed = "".join([f"{self._packed(scope)}{scope.tokens}{SEP}" for scope in scopes])
-        result = await self._admit([], [self.prefix, member, WINDOW_MS, lease_ms, packed])
+        args: list[Any] = [self.prefix, member, WINDOW_MS, lease_ms]
+        for scope in scopes:
+            args += self._args(scope)
+            args.append(scope.tokens)
+        result = await self._admit([], args)
         if int(result[0]) == 0:
             what = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
             return Verdict(False, scopes[int(result[1]) - 1].name, what, int(result[3]), int(result[4]))
