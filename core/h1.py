@@ -44,7 +44,6 @@ __all__ = ["H1Pool", "H1Response", "H1Transport", "Target"]
 _MAX_HEAD: Final = 65_536  # bytes of status line + headers
 _MAX_CHUNK_LINE: Final = 4_096
 _HIGH_WATER: Final = 1 << 20  # unread body bytes that pause the socket
-_LOW_WATER: Final = 1 << 18
 _HEX: Final = b"0123456789abcdefABCDEF"
 _OWS: Final = b" \t"
 _HOP: Final = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade"})
@@ -413,9 +412,9 @@ def _cut_short(response: H1Response) -> httpx.HTTPError:
 class H1Response:
     """An answer being read. ``status``, ``reason``, ``http_version`` and ``headers`` (raw
     ``(name, value)`` bytes in wire order) are set once :meth:`H1Pool.request` returns it; the body
-    comes from :meth:`read` (all of it) or ``async for`` (pieces as they arrive). :meth:`close`
-    before the end closes the connection (the upstream sees the disconnect); after the end the
-    connection is already back in the pool."""
+    comes from :meth:`read` (all of it) or ``async for`` (all that has arrived, one piece each
+    time). :meth:`close` before the end closes the connection (the upstream sees the disconnect);
+    after the end the connection is already back in the pool."""
 
     __slots__ = (
         "_buffered",
@@ -580,12 +579,16 @@ class H1Response:
         self._streaming = True
         chunks = self._chunks
         while True:
-            while chunks:
-                chunk = chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._paused and self._buffered < _LOW_WATER:
+            if chunks:
+                # everything that has arrived, as one piece: the chunks of one read (an upstream's
+                # SSE events, each its own HTTP chunk) go on as one write, not one write each
+                piece = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                if self._paused:
                     self._resume()
-                yield chunk
+                yield piece
+                continue
             if self._done:
                 if self._exc is not None:
                     raise self._exc
