@@ -12,6 +12,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -94,6 +95,15 @@ async def serving(
         await tcp.wait_closed()
 
 
+@asynccontextmanager
+async def pooled(**settings: Any) -> AsyncIterator[H1Pool]:
+    pool = H1Pool(**settings)
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
 def answers(*responses: bytes, bytewise: bool = False) -> Handler:
     """A handler that answers each request the server gets with the next response (repeating the
     last), keeping the connection open until the client closes it."""
@@ -138,8 +148,7 @@ async def post(pool: H1Pool, url: str, body: bytes = b"{}", **timeouts: float) -
 @pytest.mark.parametrize("bytewise", [False, True], ids=["one-write", "byte-by-byte"])
 async def test_content_length_and_chunked_bodies_whatever_the_packet_boundaries(bytewise: bool) -> None:
     async with serving(answers(json_answer(), CHUNKED, json_answer(b"[]"), bytewise=bytewise)) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             assert await post(pool, url) == (200, b'{"ok":true}')
             response = await pool.request(
                 b"POST", url + "/v1/chat", [(b"host", b"x")], b"{}", connect_timeout=5, read_timeout=5
@@ -150,8 +159,6 @@ async def test_content_length_and_chunked_bodies_whatever_the_packet_boundaries(
                 assert pieces == [b"hello, world; and more bytes..."]
             assert response.headers[0] == (b"transfer-encoding", b"chunked")
             assert await post(pool, url) == (200, b"[]")
-        finally:
-            await pool.aclose()
     assert server.connections == 1  # three requests, one kept-alive connection
     first = server.requests[0]
     assert first.startswith(b"POST /v1/chat HTTP/1.1\r\nhost: upstream\r\ncontent-type: application/json\r\n")
@@ -168,8 +175,7 @@ async def test_a_streamed_body_arrives_piece_by_piece_as_the_server_writes_it() 
         await conn.send(b"7\r\ndata: 2\r\n0\r\n\r\n")
 
     async with serving(handler) as (_, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
             pieces = aiter(response)
             assert await anext(pieces) == b"data: 1"  # before the server wrote the rest
@@ -177,21 +183,16 @@ async def test_a_streamed_body_arrives_piece_by_piece_as_the_server_writes_it() 
             assert await anext(pieces) == b"data: 2"
             with pytest.raises(StopAsyncIteration):
                 await anext(pieces)
-        finally:
-            await pool.aclose()
 
 
 async def test_informational_answers_are_skipped_and_head_and_204_have_no_body() -> None:
     continue_then_ok = b"HTTP/1.1 100 Continue\r\n\r\n" + json_answer()
     no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 99\r\n\r\n"
     async with serving(answers(continue_then_ok, no_content, json_answer())) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             assert await post(pool, url) == (200, b'{"ok":true}')
             assert await post(pool, url) == (204, b"")
             assert await post(pool, url) == (200, b'{"ok":true}')  # the 204 left the connection usable
-        finally:
-            await pool.aclose()
     assert server.connections == 1
 
 
@@ -203,12 +204,9 @@ async def test_a_body_delimited_by_close_is_read_to_the_end_and_the_connection_n
         conn.writer.close()
 
     async with serving(handler) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             assert await post(pool, url) == (200, b"part one, part two")
             assert await post(pool, url) == (200, b"part one, part two")
-        finally:
-            await pool.aclose()
     assert server.connections == 2
 
 
@@ -219,13 +217,10 @@ async def test_connection_close_and_a_server_closing_idle_connections_mean_a_new
         # the server closes every connection after one answer (an idle timeout, at once)
 
     async with serving(handler) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             for _ in range(3):
                 assert await post(pool, url) == (200, b'{"ok":true}')
                 await asyncio.sleep(0.05)  # the server's FIN arrives while the connection is idle
-        finally:
-            await pool.aclose()
     assert server.connections == 3  # never a failed request on a connection the server had closed
 
 
@@ -264,13 +259,10 @@ async def test_connection_close_and_a_server_closing_idle_connections_mean_a_new
 )
 async def test_malformed_answers_are_remote_protocol_errors_and_the_connection_is_dropped(answer: bytes) -> None:
     async with serving(answers(answer, json_answer())) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             with pytest.raises(httpx.RemoteProtocolError):
                 await post(pool, url)
             assert await post(pool, url) == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
     assert server.connections == 2
 
 
@@ -290,12 +282,9 @@ async def test_an_answer_cut_short_is_an_error_not_a_short_body(partial: bytes) 
         await conn.send(partial)
 
     async with serving(handler) as (_, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             with pytest.raises(httpx.RemoteProtocolError):
                 await post(pool, url)
-        finally:
-            await pool.aclose()
 
 
 async def test_read_timeouts_bound_the_wait_for_the_head_and_each_silence_in_the_body() -> None:
@@ -317,12 +306,9 @@ async def test_read_timeouts_bound_the_wait_for_the_head_and_each_silence_in_the
 
     for handler in (silent, stalls_mid_body):
         async with serving(handler) as (_, url):
-            pool = H1Pool()
-            try:
+            async with pooled() as pool:
                 with pytest.raises(httpx.ReadTimeout):
                     await post(pool, url, read=0.2)
-            finally:
-                await pool.aclose()
     async with serving(slow_but_steady) as (_, url):
         pool = H1Pool()
         try:  # 0.45 s in all, never 0.25 s of silence
@@ -332,8 +318,7 @@ async def test_read_timeouts_bound_the_wait_for_the_head_and_each_silence_in_the
 
 
 async def test_connect_errors_and_timeouts_are_httpx_errors() -> None:
-    pool = H1Pool()
-    try:
+    async with pooled() as pool:
         probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
         port = probe.sockets[0].getsockname()[1]
         probe.close()
@@ -352,8 +337,6 @@ async def test_connect_errors_and_timeouts_are_httpx_errors() -> None:
                     sock.close()
         with pytest.raises(httpx.UnsupportedProtocol):
             await post(pool, "ftp://127.0.0.1:21")
-    finally:
-        await pool.aclose()
 
 
 async def test_the_pool_limit_queues_requests_and_the_pool_timeout_bounds_the_wait() -> None:
@@ -365,8 +348,7 @@ async def test_the_pool_limit_queues_requests_and_the_pool_timeout_bounds_the_wa
             await conn.send(json_answer())
 
     async with serving(handler) as (server, url):
-        pool = H1Pool(max_connections=1)
-        try:
+        async with pooled(max_connections=1) as pool:
             first = asyncio.create_task(post(pool, url))
             second = asyncio.create_task(post(pool, url))
             await asyncio.sleep(0.1)
@@ -375,8 +357,6 @@ async def test_the_pool_limit_queues_requests_and_the_pool_timeout_bounds_the_wa
             gate.set()
             assert await first == (200, b'{"ok":true}')
             assert await second == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
     assert server.connections == 1
 
 
@@ -394,8 +374,7 @@ async def test_closing_a_stream_early_closes_its_connection_and_the_server_sees_
             disconnected.set()
 
     async with serving(handler) as (_, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
             async for piece in response:
                 assert piece == b"data: x"
@@ -403,8 +382,6 @@ async def test_closing_a_stream_early_closes_its_connection_and_the_server_sees_
             response.close()
             await asyncio.wait_for(disconnected.wait(), 5)
             assert not pool._open  # nothing left to reuse
-        finally:
-            await pool.aclose()
 
 
 async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
@@ -415,8 +392,7 @@ async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
         await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + bytes(range(256)) * (size // 256))
 
     async with serving(handler) as (_, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=2)
             received = bytearray()
             async for piece in response:
@@ -426,8 +402,6 @@ async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
             assert len(received) == size
             assert received[:256] == bytes(range(256))
             assert received[-256:] == bytes(range(256))
-        finally:
-            await pool.aclose()
 
 
 @pytest.mark.parametrize(
@@ -442,12 +416,9 @@ async def test_a_slow_reader_pauses_the_socket_and_loses_nothing() -> None:
 )
 async def test_header_injection_is_refused_before_anything_is_sent(headers: list[tuple[bytes, bytes]]) -> None:
     async with serving(answers(json_answer())) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             with pytest.raises(httpx.LocalProtocolError):
                 await pool.request(b"POST", url + "/", headers, b"{}", connect_timeout=5, read_timeout=5)
-        finally:
-            await pool.aclose()
     assert server.requests == []
 
 
@@ -532,8 +503,7 @@ async def test_a_connection_paused_by_a_slow_reader_is_not_reused_paused() -> No
             await conn.send(json_answer())
 
     async with serving(handler) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
             pieces = aiter(response)
             received = len(await anext(pieces))
@@ -542,8 +512,6 @@ async def test_a_connection_paused_by_a_slow_reader_is_not_reused_paused() -> No
                 received += len(piece)
             assert received == _HIGH_WATER + 11
             assert await post(pool, url, read=1.0) == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
     assert server.connections == 1
 
 
@@ -556,8 +524,7 @@ async def test_a_failed_connect_wakes_a_request_waiting_for_its_slot() -> None:
         queued = socket.create_connection(full.getsockname(), timeout=2)
         try:
             async with serving(answers(json_answer())) as (_, url):
-                pool = H1Pool(max_connections=1)
-                try:
+                async with pooled(max_connections=1) as pool:
                     hanging = asyncio.create_task(
                         post(pool, f"http://{full.getsockname()[0]}:{full.getsockname()[1]}", connect=0.3)
                     )
@@ -566,8 +533,6 @@ async def test_a_failed_connect_wakes_a_request_waiting_for_its_slot() -> None:
                     with pytest.raises(httpx.ConnectTimeout):
                         await hanging
                     assert await asyncio.wait_for(waiting, 2) == (200, b'{"ok":true}')
-                finally:
-                    await pool.aclose()
         finally:
             queued.close()
 
@@ -586,8 +551,7 @@ async def test_a_cancelled_woken_waiter_passes_the_wake_up_on() -> None:
             await conn.send(json_answer())
 
     async with serving(handler) as (server, url):
-        pool = H1Pool(max_connections=1)
-        try:
+        async with pooled(max_connections=1) as pool:
             response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=5)
             first = asyncio.create_task(post(pool, url))
             second = asyncio.create_task(post(pool, url))
@@ -598,8 +562,6 @@ async def test_a_cancelled_woken_waiter_passes_the_wake_up_on() -> None:
             assert await asyncio.wait_for(second, 2) == (200, b'{"ok":true}')
             with pytest.raises(asyncio.CancelledError):
                 await first
-        finally:
-            await pool.aclose()
     assert server.connections == 1
 
 
@@ -617,8 +579,7 @@ async def test_time_spent_paused_by_a_slow_reader_does_not_count_as_upstream_sil
         await conn.send(b"hello")
 
     async with serving(handler) as (_, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=0.8)
             pieces = aiter(response)
             received = len(await anext(pieces))
@@ -626,20 +587,15 @@ async def test_time_spent_paused_by_a_slow_reader_does_not_count_as_upstream_sil
             async for piece in pieces:
                 received += len(piece)
             assert received == _HIGH_WATER + 6
-        finally:
-            await pool.aclose()
 
 
 # Regression (the code once did this): status "000"/"099" is not a valid status code but is taken for a 1xx and skipped;
 # the body that follows is then parsed as the next head.
 async def test_a_status_below_100_is_a_protocol_error() -> None:
     async with serving(answers(b"HTTP/1.1 000 Zero\r\ncontent-length: 0\r\n\r\n")) as (_, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             with pytest.raises(httpx.RemoteProtocolError):
                 await post(pool, url, read=1.0)
-        finally:
-            await pool.aclose()
 
 
 # Regression (the code once did this): a bare CR inside a header line is accepted and handed up as part of a value
@@ -647,12 +603,9 @@ async def test_a_status_below_100_is_a_protocol_error() -> None:
 async def test_a_bare_cr_in_a_response_header_is_refused() -> None:
     answer = b"HTTP/1.1 200 OK\r\nx-a: 1\rset-cookie: s=1\r\ncontent-length: 2\r\n\r\nok"
     async with serving(answers(answer)) as (_, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             with pytest.raises(httpx.RemoteProtocolError):
                 await post(pool, url)
-        finally:
-            await pool.aclose()
 
 
 # Regression (the code once did this): between eof_received (server closed an idle connection) and connection_lost the
@@ -661,16 +614,13 @@ async def test_a_bare_cr_in_a_response_header_is_refused() -> None:
 # sent on a new connection. Emulates exactly what asyncio's transport does on EOF.
 async def test_a_connection_whose_eof_was_seen_is_not_handed_out() -> None:
     async with serving(answers(json_answer())) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             assert await post(pool, url) == (200, b'{"ok":true}')
             (conn,) = pool._open
             assert conn.eof_received() is False  # the FIN arrives: asyncio then closes the transport
             assert conn.transport is not None
             conn.transport.close()  # (connection_lost only runs on the next loop iteration)
             assert await post(pool, url) == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
     assert server.connections == 2
 
 
@@ -686,8 +636,7 @@ async def test_cancel_while_waiting_for_the_head_frees_the_slot() -> None:
         await answers(json_answer())(conn)
 
     async with serving(handler) as (_, url):
-        pool = H1Pool(max_connections=1)
-        try:
+        async with pooled(max_connections=1) as pool:
             task = asyncio.create_task(post(pool, url))
             await first.wait()
             await asyncio.sleep(0.05)
@@ -697,19 +646,14 @@ async def test_cancel_while_waiting_for_the_head_frees_the_slot() -> None:
             assert not pool._open
             assert pool._connecting == 0
             assert await post(pool, url, pool_wait=1.0) == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
 
 
 # bytes arriving after an answer in the same read mean the connection is not reused.
 async def test_extra_bytes_after_an_answer_mean_a_new_connection() -> None:
     async with serving(answers(json_answer() + b"GARBAGE", json_answer())) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             assert await post(pool, url) == (200, b'{"ok":true}')
             assert await post(pool, url) == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
     assert server.connections == 2
 
 
@@ -720,14 +664,11 @@ async def test_head_and_304_with_a_length_keep_the_connection() -> None:
         json_answer(),
     )
     async with serving(answers(*answers_)) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             response = await pool.request(b"HEAD", url + "/", [], b"", connect_timeout=5, read_timeout=5)
             assert (response.status, await response.read()) == (200, b"")
             assert await post(pool, url) == (304, b"")
             assert await post(pool, url) == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
     assert server.connections == 1
 
 
@@ -755,12 +696,9 @@ async def test_cancel_while_connecting_frees_the_slot() -> None:
 async def test_a_length_next_to_chunked_coding_reads_chunks_then_closes() -> None:
     both = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     async with serving(answers(both, json_answer())) as (server, url):
-        pool = H1Pool()
-        try:
+        async with pooled() as pool:
             assert await post(pool, url) == (200, b"hello")
             assert await post(pool, url) == (200, b'{"ok":true}')
-        finally:
-            await pool.aclose()
     assert server.connections == 2  # framing another hop may have read differently: not reused
 
 
