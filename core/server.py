@@ -8,6 +8,7 @@ the lifespan shutdown runs (plugins flush usage) and the process exits.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -23,12 +24,28 @@ from .config import GatewayConfig
 
 def app_from_env() -> ASGIApp:
     """Factory for worker processes: the config path comes from ``$LLMGATEWAY_CONFIG``."""
+    configure_logging()
     return _serving(create_app(os.environ.get("LLMGATEWAY_CONFIG", "gateway.toml")))
 
 
 def _serving(app: ASGIApp) -> ASGIApp:
     gateway_of(app).serving = True
     return app
+
+
+def configure_logging() -> None:
+    """llmgateway's own log lines (startup, migrations, Redis or database trouble) on stderr from
+    INFO up, in hypercorn's format — unless logging was configured already (an embedding
+    application's choice stands). Other libraries stay at WARNING: httpx logs every request at INFO."""
+    logger = logging.getLogger("llmgateway")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S %z")
+    )
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _event_loop_factory() -> Any:
@@ -40,6 +57,7 @@ def _event_loop_factory() -> Any:
 
 
 def serve(config: GatewayConfig, *, host: str, port: int, workers: int, server: str) -> None:
+    configure_logging()
     os.environ["LLMGATEWAY_CONFIG"] = os.path.abspath(config.path)
     if server == "uvicorn":
         _serve_uvicorn(config, host=host, port=port, workers=workers)

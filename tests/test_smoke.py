@@ -66,8 +66,11 @@ def test_llmgateway_serve_answers_with_a_date_and_no_server_banner(tmp_path: Pat
         )
     finally:
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=30)
+        output, _ = process.communicate(timeout=30)
     assert first.status_code == answer.status_code == 200
+    # our own log lines are shown: the new database was migrated, in a child process
+    assert b"[INFO] llmgateway.storage: database " in output
+    assert b"migrated (in a child process): 0001_initial" in output
     for response in (first, answer):
         assert "server" not in response.headers
         sent = parsedate_to_datetime(response.headers["date"])
