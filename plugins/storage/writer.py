@@ -216,7 +216,6 @@ class _Encoding:
     def __init__(self, sqlite: bool) -> None:
         from .models import UsageRecord
 
-        self.sqlite = sqlite
         encoder = UsageRecord._meta.fields_map["metadata"].encoder  # type: ignore[attr-defined]
         self.flag: Callable[[Any], Any] = int if sqlite else bool
         self.json: Callable[[Any], Any] = encoder if sqlite else _same
