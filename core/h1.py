@@ -690,6 +690,7 @@ class H1Pool:
                         continue
                     if now - conn.idle_since > self._keepalive:
                         conn.close()
+                        self._forget(conn)  # its slot is free now, not when the close completes
                         continue
                     return conn
             if len(self._open) + self._connecting >= self._limit:
@@ -807,6 +808,7 @@ class H1Pool:
         for idle in self._idle.values():
             for conn in [c for c in idle if now - c.idle_since > self._keepalive]:
                 conn.close()
+                self._forget(conn)
             remaining = remaining or bool(idle)
         if remaining and not self._closed:
             self._sweep = loop.call_later(self._keepalive / 2, self._sweep_idle)

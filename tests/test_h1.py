@@ -708,3 +708,111 @@ async def test_an_ipv6_upstream_is_dialled_and_named_in_host() -> None:
             assert (await client.post(f"{url}/v1/chat", content=b"{}")).json() == {"ok": True}
     port = url.rsplit(":", 1)[1]
     assert f"\r\nhost: [::1]:{port}\r\n".encode() in server.requests[0].lower()
+
+
+async def test_busy_reader_then_silent_upstream_still_times_out() -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await asyncio.sleep(10)
+
+    async with serving(handler) as (_, url):
+        async with pooled() as pool:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=0.2)
+            pieces = aiter(response)
+            assert await anext(pieces) == b"abc"
+            await asyncio.sleep(0.5)  # busy elsewhere: the timer fires and is not re-armed
+            with pytest.raises(httpx.ReadTimeout):
+                await asyncio.wait_for(anext(pieces), 2)  # TimeoutError here would mean a hang
+
+
+async def test_a_finished_response_closed_later_leaves_its_reused_connection_alone() -> None:
+    gate = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(json_answer())
+        await conn.request()
+        await gate.wait()
+        await conn.send(json_answer(b"[2]"))
+
+    async with serving(handler) as (server, url):
+        async with pooled() as pool:
+            first = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=0.1)
+            second_task = asyncio.create_task(post(pool, url, read=2))
+            await asyncio.sleep(0.05)
+            first.close()
+            await asyncio.sleep(0.3)  # past the first response's read timeout
+            gate.set()
+            assert await second_task == (200, b"[2]")
+    assert server.connections == 1
+
+
+async def test_httpx_aread_then_aclose_and_full_stream_keep_the_connection() -> None:
+    async def handler(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+            await asyncio.sleep(0.05)
+            await conn.send(b"0\r\n\r\n")
+
+    async with serving(handler) as (server, url):
+        transport = H1Transport(read_timeout=2)
+        async with httpx.AsyncClient(transport=transport) as client:
+            r = await client.post(url + "/", content=b"{}")
+            assert r.content == b"abc"
+            await r.aclose()
+            await r.aclose()
+            async with client.stream("POST", url + "/", content=b"{}") as s:
+                assert b"".join([c async for c in s.aiter_raw()]) == b"abc"
+            await s.aclose()
+            r = await client.post(url + "/", content=b"{}")
+            assert r.content == b"abc"
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("split", range(1, 40))
+async def test_rest_across_every_split_with_trailers(split: int) -> None:
+    body = (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2\r\nab\r\n1;x=y\r\nc\r\n0\r\nt: 1\r\nu: 2\r\n\r\n"
+    )
+
+    async def handler(conn: Conn) -> None:
+        while await conn.request() is not None:
+            for i in range(0, len(body), split):
+                await conn.send(body[i : i + split])
+                await asyncio.sleep(0.001)
+
+    async with serving(handler) as (server, url):
+        async with pooled() as pool:
+            assert await post(pool, url) == (200, b"abc")
+            assert await post(pool, url) == (200, b"abc")
+    assert server.connections == 1
+
+
+async def test_cancel_racing_the_end_of_the_body_keeps_the_released_connection() -> None:
+    gate = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nabc")
+        await gate.wait()
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nabcdef")
+        await asyncio.sleep(10)
+
+    async with serving(handler) as (server, url):
+        async with pooled() as pool:
+            response = await pool.request(b"POST", url + "/", [], b"", connect_timeout=5, read_timeout=1)
+            conn = response._conn
+            assert conn is not None
+            task = asyncio.create_task(response.read())
+            await asyncio.sleep(0.05)
+            conn.data_received(b"def")  # the end arrives...
+            task.cancel()  # ...in the same loop turn as the reader's cancellation
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not conn.closed
+            gate.set()
+            assert await post(pool, url) == (200, b"abcdef")
+    assert server.connections == 1
