@@ -39,14 +39,15 @@ from typing import Final
 
 import httpx
 
-__all__ = ["H1Pool", "H1Response", "H1Transport", "Target"]
+__all__ = ["HOP_HEADERS", "H1Pool", "H1Response", "H1Transport", "Target"]
 
 _MAX_HEAD: Final = 65_536  # bytes of status line + headers
 _MAX_CHUNK_LINE: Final = 4_096
 _HIGH_WATER: Final = 1 << 20  # unread body bytes that pause the socket
 _HEX: Final = b"0123456789abcdefABCDEF"
 _OWS: Final = b" \t"
-_HOP: Final = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade"})
+# hop-by-hop headers: a caller's are dropped, this client frames the request itself
+HOP_HEADERS: Final = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"upgrade"})
 
 # connection states
 _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE = range(8)
@@ -128,7 +129,6 @@ class _Connection(asyncio.Protocol):
         "closed",
         "idle_since",
         "key",
-        "reused",
         "transport",
     )
 
@@ -137,7 +137,6 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False
         self.idle_since = 0.0
         self._state = _IDLE
         self._rest = bytearray()
@@ -595,10 +594,6 @@ class H1Response:
                 return
             await self._wait()
 
-    @property
-    def complete(self) -> bool:
-        return self._done and self._exc is None
-
     def close(self) -> None:
         """Stop reading: an answer not yet complete closes its connection."""
         conn = self._conn
@@ -780,7 +775,6 @@ class H1Pool:
             return
         loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
-        conn.reused = True
         idle = self._idle.get(conn.key)
         if idle is None:
             idle = self._idle[conn.key] = []
@@ -877,7 +871,7 @@ class H1Transport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
         ext = request.extensions.get("timeout") or {}
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP]
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in HOP_HEADERS]
         response = await self.pool.request(
             request.method.encode("ascii"),
             Target(request.url),

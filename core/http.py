@@ -23,11 +23,11 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 
 from .config import ProviderConfig
-from .h1 import H1Pool, H1Response, H1Transport, to_httpx
+from .h1 import HOP_HEADERS, H1Pool, H1Response, H1Transport, to_httpx
 
 _httpx_log = logging.getLogger("httpx")
 
-_HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"})
+_HOP_HEADERS = frozenset(name.decode("ascii") for name in HOP_HEADERS)
 
 
 class GatewayClient(httpx.AsyncClient):
