@@ -125,8 +125,9 @@ async def wait_for_tokens(plugin: Any, scope: str, expected: int) -> None:
     total = None
     for _ in range(200):
         if plugin.redis is not None:
-            raw = await plugin.redis.client.call("HGET", f"{plugin.redis.prefix}rl:{scope}:tok", "_total")
-            total = int(raw) if raw is not None else None
+            # the log's member "_t" holds the total as a negative score
+            raw = await plugin.redis.client.call("ZSCORE", f"{plugin.redis.prefix}rl2:{scope}:log", "_t")
+            total = -int(float(raw)) if raw is not None else None
         else:
             entry = plugin.memory.scopes.get(scope)
             total = entry.total if entry is not None else None
@@ -306,25 +307,66 @@ async def test_a_jwt_users_limits_come_from_the_users_row(serve_gateway: Gateway
     assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
 
 
-async def test_the_script_client_selects_the_database_and_config_refuses_other_schemes(redis_prefix: str) -> None:
+@pytest.mark.parametrize("pure_python", [False, True], ids=["hiredis", "pure-python"])
+async def test_the_script_client_selects_the_database_and_config_refuses_other_schemes(
+    redis_prefix: str, pure_python: bool
+) -> None:
     from llmgateway.core.app import build_gateway
     from llmgateway.core.config import parse_config
     from llmgateway.core.errors import ConfigError
-    from llmgateway.plugins.security.redis_util import ReplyError, ScriptClient
+    from llmgateway.plugins.security.redis_util import ReplyError, Script, ScriptClient
 
-    client = ScriptClient("redis://127.0.0.1:6379/3", timeout=2)
+    client = ScriptClient("redis://127.0.0.1:6379/3", timeout=2, pure_python=pure_python)
     try:
         await client.call("SET", f"{redis_prefix}db", "three")
         assert await client.call("GET", f"{redis_prefix}db") == b"three"
         with pytest.raises(ReplyError):
             await client.call("NOSUCHCOMMAND")
-        assert await client.call("PING") == "PONG"  # an error reply leaves the connection usable
+        assert await client.call("PING") == b"PONG"  # an error reply leaves the connection usable
+        # a script Redis has never seen (EVALSHA refused, then EVAL), nested arrays, nil, integers
+        script = Script(client, f"-- {redis_prefix}\nreturn {{1, {{ARGV[1], false, 'x'}}, KEYS[1]}}")
+        for _ in range(2):
+            assert await script([f"{redis_prefix}k"], ["é" * 3000]) == [
+                1,
+                ["é".encode() * 3000, None, b"x"],
+                f"{redis_prefix}k".encode(),
+            ]
         await client.call("DEL", f"{redis_prefix}db")
     finally:
         await client.aclose()
     with pytest.raises(ConfigError) as info:
         build_gateway(parse_config(config('[ratelimit]\nbackend = "redis"\nredis_url = "http://127.0.0.1:6379"\n')))
     assert info.value.key == "ratelimit.redis_url"
+
+
+def test_both_reply_readers_read_every_reply_split_anywhere() -> None:
+    """hiredis and the pure-Python reader give the same values for the same bytes, however they arrive."""
+    from llmgateway.plugins.security.redis_util import ReplyError, make_reader
+
+    stream = (
+        b"+OK\r\n-ERR wrong\r\n:-42\r\n$5\r\nhe\r\no\r\n$-1\r\n$0\r\n\r\n*-1\r\n*0\r\n"
+        b"*3\r\n:1\r\n*2\r\n$1\r\na\r\n-NOSCRIPT x\r\n$-1\r\n"
+    )
+
+    def read(pure: bool, cut: int) -> list[Any]:
+        reader = make_reader(pure)
+        got: list[Any] = []
+        for piece in (stream[:cut], stream[cut:]):
+            reader.feed(piece)
+            while (value := reader.gets()) is not False:
+                got.append(value)
+        return got
+
+    def plain(values: list[Any]) -> list[Any]:  # errors compared by class and message
+        return [
+            plain(v) if isinstance(v, list) else (type(v), str(v)) if isinstance(v, Exception) else v for v in values
+        ]
+
+    expected = [b"OK", (ReplyError, "ERR wrong"), -42, b"he\r\no", None, b"", None, []]
+    expected.append([1, [b"a", (ReplyError, "NOSCRIPT x")], None])
+    for cut in range(len(stream) + 1):
+        assert plain(read(True, cut)) == expected, cut
+        assert plain(read(False, cut)) == expected, cut
 
 
 async def test_callers_waiting_on_a_blackholed_redis_fail_together_within_the_timeout() -> None:
@@ -386,11 +428,11 @@ async def test_a_failover_is_followed_instead_of_failing_on_the_old_primary(redi
     async with TcpProxy(6379) as proxy:
         client = ScriptClient(f"redis://127.0.0.1:{proxy.port}/0", timeout=2)
         try:
-            assert await client.call("SET", f"{redis_prefix}failover", "before") == "OK"
+            assert await client.call("SET", f"{redis_prefix}failover", "before") == b"OK"
             proxy.demote()  # the old primary is a replica now; new connections reach the new primary
             with pytest.raises(ReplyError, match="READONLY"):
                 await client.call("SET", f"{redis_prefix}failover", "after")
-            assert await client.call("SET", f"{redis_prefix}failover", "after") == "OK"
+            assert await client.call("SET", f"{redis_prefix}failover", "after") == b"OK"
             assert await client.call("GET", f"{redis_prefix}failover") == b"after"
         finally:
             await client.aclose()
@@ -535,3 +577,43 @@ async def test_finishing_a_request_twice_releases_its_slot_once(serve_gateway: G
             # "released" marker for the request (a release that finds no slot leaves one)
             marker = await plugin.redis.client.call("ZSCORE", f"{plugin.redis.prefix}rl:released", "req-first")
             assert marker is None
+
+
+async def test_redis_windows_slide_tokens_are_corrected_and_every_key_expires(redis_prefix: str) -> None:
+    """The Redis layout end to end: entries older than the window leave the log with their tokens,
+    a correction rewrites an entry once, refusals say how long to wait, and no key lives forever."""
+    from llmgateway.plugins.security.ratelimit import WINDOW_MS, RedisBackend, Rule, Scope
+    from llmgateway.plugins.security.redis_util import ScriptClient
+
+    client = ScriptClient(REDIS_URL, timeout=2)
+    backend = RedisBackend(client, redis_prefix, lease_ms=60_000)
+    log = f"{redis_prefix}rl2:key:s:log"
+    try:
+        seconds, micros = await client.call("TIME")
+        long_ago = int(seconds) * 1000 + int(micros) // 1000 - WINDOW_MS - 1000
+        # two requests from more than a minute ago, holding 60 tokens
+        await client.call("ZADD", log, long_ago, "old1|60", long_ago, "old2|0", -60, "_t")
+        scopes = [Scope("key:s", Rule(rpm=2, tpm=100, max_parallel=5), 30)]
+        a = await backend.admit("a", scopes, 60_000)
+        assert a.admitted
+        assert (a.remaining[0][0], a.remaining[0][2]) == (1, 70)  # the old ones left with their tokens
+        b = await backend.admit("b", scopes, 60_000)
+        assert b.admitted
+        assert (b.remaining[0][0], b.remaining[0][2]) == (0, 40)
+        c = await backend.admit("c", scopes, 60_000)
+        assert (c.admitted, c.what, c.limit) == (False, "requests", 2)
+        assert WINDOW_MS - 2000 < c.wait_ms <= WINDOW_MS
+        await backend.finish("a", scopes, 10)  # "a" used 10 of its 30
+        await backend.finish("a", scopes, 10)  # finishing twice changes nothing
+        assert await client.call("ZSCORE", log, "_t") == b"-40"
+        assert sorted(await client.call("ZRANGE", log, 0, -1)) == [b"_t", b"a|10", b"b|30"]
+        tight = [Scope("key:t", Rule(tpm=100), 70)]
+        assert (await backend.admit("x", tight, 60_000)).admitted
+        y = await backend.admit("y", tight, 60_000)
+        assert (y.admitted, y.what, y.limit) == (False, "tokens", 100)
+        assert WINDOW_MS - 2000 < y.wait_ms <= WINDOW_MS  # when "x" leaves the window
+        for key in (log, f"{redis_prefix}rl2:key:s:conc", f"{redis_prefix}rl2:key:t:log"):
+            assert WINDOW_MS < await client.call("PTTL", key) <= WINDOW_MS + 60_000 + 10_000, key
+    finally:
+        await backend.aclose()
+        await client.aclose()

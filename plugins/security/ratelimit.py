@@ -41,7 +41,7 @@ from llmgateway.core.provider import estimate_prompt_tokens
 from llmgateway.core.types import RequestContext
 
 from .limits import IdentityLimits, Limits, LimitsResolver
-from .redis_util import BackgroundBatches, Script, ScriptClient, close_redis, redis_errors, redis_options
+from .redis_util import BackgroundBatches, Script, ScriptClient, bulk, close_redis, redis_errors, redis_options
 
 if TYPE_CHECKING:
     from llmgateway.core.app import Gateway
@@ -213,105 +213,108 @@ class MemoryBackend:
 
 # ---- the Redis backend ----------------------------------------------------------------------
 #
-# One script call per admission and one per finish. Arguments travel packed in one string (fields
-# separated by \x1f) and key names are built in the script from the prefix: packing a dozen
-# arguments costs the client more than the script costs Redis. (Keys named inside a script are fine
-# on a standalone Redis or a primary with replicas, not on Redis Cluster.)
+# One script call per admission; finished requests go in batches, one script call each. Key names
+# are built in the script from the prefix (fine on a standalone Redis or a primary with replicas,
+# not on Redis Cluster). Inside a script every redis.call costs about a microsecond beyond the
+# command, and a write about two, so the layout keeps both few:
+#
+#   {prefix}rl2:{scope}:log   sorted set: one member per admitted request, "{request id}|{tokens}",
+#                             scored by its admission time (ms); tokens are the reservation, rewritten
+#                             to the real count when the request ends. Its member "_t" holds the
+#                             scope's token total, as a negative score (below every time).
+#   {prefix}rl2:{scope}:conc  sorted set of concurrency leases: request id -> lease expiry (ms).
+#   {prefix}rl2:released      request id -> until when: releases that found no slot to free.
+#
+# Keys get a TTL with ten seconds to spare and are refreshed (PEXPIRE) only once that spare is used:
+# a PTTL read per admission instead of a write.
 
-SEP = "\x1f"
-
-_FIELDS = """
-local function fields(packed)
-  local f = {}
-  for v in string.gmatch(packed, '([^\\031]*)\\031') do f[#f + 1] = v end
-  return f
+_SCRIPT_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- the key lives at least ttl ms more (with ten seconds to spare: a write every ten seconds at most)
+local function keep(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl + 10000) end
 end
 """
 
-_PURGE = """
--- drop the entries older than the window (their tokens leave the total); returns the oldest entry's
--- time left, or nil for an empty log. One call when there is nothing to drop.
-local function purge(log, tok, now, window)
+ADMIT_LUA = (
+    _SCRIPT_COMMON
+    + """
+-- the log's entries older than the window leave it, their tokens leave the total. Returns the oldest
+-- entry's time, or nil when no entry is left. One call when there is nothing to drop.
+local function purge(log, now, window)
   while true do
-    local first = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+    local first = redis.call('ZRANGEBYSCORE', log, '(0', '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     if #first == 0 then return nil end
     local oldest = tonumber(first[2])
     if oldest > now - window then return oldest end
-    local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - window, 'LIMIT', 0, 500)
-    local vals = redis.call('HMGET', tok, unpack(old))
+    local old = redis.call('ZRANGEBYSCORE', log, '(0', now - window, 'LIMIT', 0, 500)
     local sum = 0
-    for j = 1, #vals do sum = sum + (tonumber(vals[j]) or 0) end
-    if sum ~= 0 then redis.call('HINCRBY', tok, '_total', -sum) end
-    redis.call('HDEL', tok, unpack(old))
+    for j = 1, #old do sum = sum + (tonumber(string.match(old[j], '|(%d+)$')) or 0) end
+    if sum ~= 0 then redis.call('ZINCRBY', log, sum, '_t') end
     redis.call('ZREM', log, unpack(old))
   end
 end
-"""
 
-# Every redis.call costs the script about a microsecond beyond the command itself, so the script
-# makes as few as it can: the log's oldest entry (which also tells whether anything must be purged
-# and when the window resets), its size once (the size after adding is one more), token totals
-# only for scopes with a tpm, and expired concurrency leases purged only when the scope looks full.
-ADMIT_LUA = (
-    _PURGE
-    + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local prefix, member = ARGV[1], ARGV[2]
+-- ARGV: key base ("{prefix}rl2:"), request id, window ms, lease ms, then five per scope:
+-- name, rpm, tpm, max parallel (-1: none), tokens to reserve
+local base, member = ARGV[1], ARGV[2]
 local window, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
--- the scopes, five arguments each (name, rpm, tpm, max parallel, tokens): separate arguments, no
--- string to split (splitting one packed string was an eighth of this script's time)
-local f = {unpack(ARGV, 5)}
-local n = #f / 5
+local n = (#ARGV - 4) / 5
+local now = now_ms()
 -- released already (its client gave up waiting for this answer, and released the slots): take nothing
-if redis.call('ZSCORE', prefix .. 'rl:released', member) then return {0, 1, 'released', 1000, 0} end
-local counts, oldests = {}, {}
+if redis.call('ZSCORE', base .. 'released', member) then return {0, 1, 'released', 1000, 0} end
+local counts, totals, oldests = {}, {}, {}
 for i = 1, n do
-  local base = prefix .. 'rl:' .. f[5*i-4]
-  local log, tok, conc = base .. ':log', base .. ':tok', base .. ':conc'
-  local rpm, tpm, par, cost = tonumber(f[5*i-3]), tonumber(f[5*i-2]), tonumber(f[5*i-1]), tonumber(f[5*i])
+  local a = 4 + 5 * (i - 1)
+  local name = base .. ARGV[a + 1]
+  local rpm, tpm, par, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   if rpm >= 0 or tpm >= 0 then
-    oldests[i] = purge(log, tok, now, window)
-    local count = 0
-    if oldests[i] then count = redis.call('ZCARD', log) end
-    counts[i] = count
+    local log = name .. ':log'
+    local oldest = purge(log, now, window)
+    oldests[i] = oldest
+    local count, total = 0, 0
+    if oldest then
+      count = redis.call('ZCARD', log)
+      local t = redis.call('ZSCORE', log, '_t')
+      if t then
+        count = count - 1
+        total = -tonumber(t)
+      end
+    end
+    counts[i], totals[i] = count, total
     if rpm >= 0 and count + 1 > rpm then
-      local e = redis.call('ZRANGE', log, count - rpm, count - rpm, 'WITHSCORES')
+      local e = redis.call('ZRANGEBYSCORE', log, '(0', '+inf', 'WITHSCORES', 'LIMIT', count - rpm, 1)
       local wait = window
       if #e == 2 then wait = tonumber(e[2]) + window - now end
       return {0, i, 'requests', wait, rpm}
     end
-    if tpm >= 0 then
-      local total = tonumber(redis.call('HGET', tok, '_total') or '0')
-      if total + cost > tpm then
-        local wait = window
-        if cost <= tpm then
-          local need = total + cost - tpm
-          local freed = 0
-          local start = 0
-          local done = false
-          while not done do
-            local e = redis.call('ZRANGE', log, start, start + 99, 'WITHSCORES')
-            if #e == 0 then break end
-            local members = {}
-            for j = 1, #e, 2 do members[#members + 1] = e[j] end
-            local vals = redis.call('HMGET', tok, unpack(members))
-            for j = 1, #members do
-              freed = freed + (tonumber(vals[j]) or 0)
-              if freed >= need then
-                wait = tonumber(e[2 * j]) + window - now
-                done = true
-                break
-              end
+    if tpm >= 0 and total + cost > tpm then
+      local wait = window
+      if cost <= tpm then
+        -- the time when enough of the oldest entries have left the window
+        local need, freed, start, found = total + cost - tpm, 0, 0, false
+        while not found do
+          local e = redis.call('ZRANGEBYSCORE', log, '(0', '+inf', 'WITHSCORES', 'LIMIT', start, 100)
+          if #e == 0 then break end
+          for j = 1, #e, 2 do
+            freed = freed + (tonumber(string.match(e[j], '|(%d+)$')) or 0)
+            if freed >= need then
+              wait = tonumber(e[j + 1]) + window - now
+              found = true
+              break
             end
-            start = start + 100
           end
+          start = start + 100
         end
-        return {0, i, 'tokens', wait, tpm}
       end
+      return {0, i, 'tokens', wait, tpm}
     end
   end
   if par >= 0 then
+    local conc = name .. ':conc'
     if redis.call('ZCARD', conc) + 1 > par then
       redis.call('ZREMRANGEBYSCORE', conc, '-inf', now)
       if redis.call('ZCARD', conc) + 1 > par then
@@ -322,18 +325,24 @@ for i = 1, n do
 end
 local out = {1}
 for i = 1, n do
-  local base = prefix .. 'rl:' .. f[5*i-4]
-  local log, tok, conc = base .. ':log', base .. ':tok', base .. ':conc'
-  local rpm, tpm, par = tonumber(f[5*i-3]), tonumber(f[5*i-2]), tonumber(f[5*i-1])
+  local a = 4 + 5 * (i - 1)
+  local name = base .. ARGV[a + 1]
+  local rpm, tpm, par = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   if rpm >= 0 or tpm >= 0 then
-    redis.call('ZADD', log, now, member)
-    redis.call('PEXPIRE', log, window + lease)
+    local log = name .. ':log'
+    local cost = 0
+    if tpm >= 0 then cost = tonumber(ARGV[a + 5]) end
+    redis.call('ZADD', log, now, member .. '|' .. cost)
     local total = -1
     if tpm >= 0 then
-      redis.call('HSET', tok, member, f[5*i])
-      total = redis.call('HINCRBY', tok, '_total', f[5*i])
-      redis.call('PEXPIRE', tok, window + lease)
+      total = totals[i] + cost
+      if oldests[i] then
+        redis.call('ZINCRBY', log, -cost, '_t')
+      else
+        redis.call('ZADD', log, -cost, '_t') -- a log that was empty starts its total afresh
+      end
     end
+    keep(log, window + lease)
     local reset = (oldests[i] or now) + window - now
     out[#out + 1] = rpm >= 0 and (rpm - counts[i] - 1) or -1
     out[#out + 1] = reset
@@ -346,8 +355,9 @@ for i = 1, n do
     out[#out + 1] = 0
   end
   if par >= 0 then
+    local conc = name .. ':conc'
     redis.call('ZADD', conc, now + lease, member)
-    redis.call('PEXPIRE', conc, lease * 2)
+    keep(conc, lease)
   end
 end
 return out
@@ -355,50 +365,45 @@ return out
 )
 
 FINISH_LUA = (
-    _FIELDS
+    _SCRIPT_COMMON
     + """
--- finished requests, batched: (member, scope, real tokens or -1, release the slot 1/0) repeated.
--- A release that finds no slot (released already, or its admission has not arrived yet: the client
--- gave up waiting for its answer) leaves a marker until the lease would have expired, so a late
--- admission takes no slot.
-local prefix, lease = ARGV[1], tonumber(ARGV[3])
-local f = fields(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local released = prefix .. 'rl:released'
-local marked = false
-for i = 1, #f / 4 do
-  local member = f[4*i-3]
-  local base = prefix .. 'rl:' .. f[4*i-2]
-  local tokens = tonumber(f[4*i-1])
-  if tokens >= 0 then
-    local tok = base .. ':tok'
-    local old = redis.call('HGET', tok, member)
-    if old then
-      redis.call('HSET', tok, member, tokens)
-      local delta = tokens - tonumber(old)
-      if delta ~= 0 then redis.call('HINCRBY', tok, '_total', delta) end
+-- ARGV: key base, lease ms, then five per finished (request, scope): request id, scope name, the
+-- tokens its log entry holds (-1: the scope counts no tokens), its real tokens (-1: unknown, keep the
+-- reservation), release its concurrency slot (1/0). A release that finds no slot (released already,
+-- or its admission has not arrived yet: the client gave up waiting for its answer) leaves a marker
+-- until the lease would have expired, so a late admission takes no slot.
+local base, lease = ARGV[1], tonumber(ARGV[2])
+local released = base .. 'released'
+local now = nil
+for a = 3, #ARGV, 5 do
+  local member, name = ARGV[a], base .. ARGV[a + 1]
+  local held, real = ARGV[a + 2], ARGV[a + 3]
+  if held ~= '-1' and real ~= '-1' and real ~= held then
+    local log = name .. ':log'
+    local entry = member .. '|' .. held
+    local score = redis.call('ZSCORE', log, entry)
+    if score then
+      redis.call('ZREM', log, entry)
+      redis.call('ZADD', log, score, member .. '|' .. real)
+      redis.call('ZINCRBY', log, tonumber(held) - tonumber(real), '_t')
     end
   end
-  if f[4*i] == '1' and redis.call('ZREM', base .. ':conc', member) == 0 then
+  if ARGV[a + 4] == '1' and redis.call('ZREM', name .. ':conc', member) == 0 then
+    now = now or now_ms()
     redis.call('ZADD', released, now + lease, member)
-    marked = true
   end
 end
-if marked then
+if now then
   redis.call('ZREMRANGEBYSCORE', released, '-inf', now)
-  redis.call('PEXPIRE', released, lease)
+  keep(released, lease)
 end
 return 1
 """
 )
 
-
-def _pack(values: list[Any]) -> str:
-    return "".join(f"{str(v).replace(SEP, '?')}{SEP}" for v in values)
-
-
-Finished = tuple[str, str, int, int]  # (request, scope, real tokens or -1, release the slot 1/0)
+# (request id, scope, tokens held in the log or -1, real tokens or -1, release the slot 1/0), encoded
+Finished = tuple[bytes, bytes, bytes, bytes, bytes]
+_ONE, _ZERO, _NONE = bulk(1), bulk(0), bulk(NONE)
 
 
 class RedisBackend:
@@ -416,7 +421,9 @@ class RedisBackend:
         self.client = client
         self.prefix = prefix
         self.lease_ms = lease_ms
-        self._rule_args: dict[tuple[str, Rule], tuple[bytes, ...]] = {}
+        self._base = bulk(f"{prefix}rl2:")
+        self._window = bulk(WINDOW_MS)
+        self._scope_args: dict[tuple[str, Rule], bytes] = {}
         self._admit = Script(client, ADMIT_LUA)
         self._finish = Script(client, FINISH_LUA)
         self._batches: BackgroundBatches[Finished] = BackgroundBatches(
@@ -428,47 +435,49 @@ class RedisBackend:
             on_error=on_error,  # leases expire anyway should Redis stay away
         )
 
-    def keys(self, scope: Scope) -> list[str]:
-        base = f"{self.prefix}rl:{scope.name}"
-        return [f"{base}:log", f"{base}:tok", f"{base}:conc"]
-
-    def _args(self, scope: Scope) -> tuple[bytes, ...]:
+    def _encoded(self, scope: Scope) -> bytes:
         """A scope's name and rule as script arguments, encoded (the same for every request of that
         scope: kept)."""
         key = (scope.name, scope.rule)
-        args = self._rule_args.get(key)
-        if args is None:
-            if len(self._rule_args) >= 10_000:
-                self._rule_args.clear()
+        encoded = self._scope_args.get(key)
+        if encoded is None:
+            if len(self._scope_args) >= 10_000:
+                self._scope_args.clear()
             rule = scope.rule
-            args = self._rule_args[key] = (
-                scope.name.encode(),
-                b"%d" % _arg(rule.rpm),
-                b"%d" % _arg(rule.tpm),
-                b"%d" % _arg(rule.max_parallel),
+            encoded = self._scope_args[key] = b"".join(
+                bulk(v) for v in (scope.name, _arg(rule.rpm), _arg(rule.tpm), _arg(rule.max_parallel))
             )
-        return args
+        return encoded
 
     async def admit(self, member: str, scopes: list[Scope], lease_ms: int) -> Verdict:
-        args: list[Any] = [self.prefix, member, WINDOW_MS, lease_ms]
+        parts = [_ZERO, self._base, bulk(member), self._window, bulk(lease_ms)]
         for scope in scopes:
-            args += self._args(scope)
-            args.append(scope.tokens)
-        result = await self._admit([], args)
-        if int(result[0]) == 0:
+            parts.append(self._encoded(scope))
+            parts.append(bulk(scope.tokens))
+        result = await self._admit.encoded(4 + 5 * len(scopes), b"".join(parts))
+        if result[0] == 0:
             what = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
             return Verdict(False, scopes[int(result[1]) - 1].name, what, int(result[3]), int(result[4]))
-        values = [int(v) for v in result[1:]]
-        remaining = [(values[i], values[i + 1], values[i + 2], values[i + 3]) for i in range(0, len(values), 4)]
+        remaining = [(result[i], result[i + 1], result[i + 2], result[i + 3]) for i in range(1, len(result), 4)]
         return Verdict(True, remaining=remaining)
 
     def finish_later(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
         finished: list[Finished] = []
+        encoded_member = bulk(member)
         for scope in scopes:
-            adjust = tokens if tokens is not None and scope.rule.tpm is not None else NONE  # only tpm counts tokens
-            release = 1 if scope.rule.max_parallel is not None else 0
-            if adjust != NONE or release:
-                finished.append((member, scope.name, adjust, release))
+            counts_tokens = scope.rule.tpm is not None
+            adjust = counts_tokens and tokens is not None and tokens != scope.tokens
+            release = scope.rule.max_parallel is not None
+            if adjust or release:
+                finished.append(
+                    (
+                        encoded_member,
+                        bulk(scope.name),
+                        bulk(scope.tokens) if adjust else _NONE,
+                        bulk(tokens) if adjust and tokens is not None else _NONE,
+                        _ONE if release else _ZERO,
+                    )
+                )
         self._batches.add(*finished)
 
     async def finish(self, member: str, scopes: list[Scope], tokens: int | None) -> None:
@@ -481,7 +490,8 @@ class RedisBackend:
         await self._batches.flush()
 
     async def _send(self, batch: list[Finished]) -> list[tuple[Finished, BaseException]]:
-        await self._finish([], [self.prefix, _pack([value for item in batch for value in item]), self.lease_ms])
+        head = [_ZERO, self._base, bulk(self.lease_ms)]
+        await self._finish.encoded(2 + 5 * len(batch), b"".join(head + [part for item in batch for part in item]))
         return []  # all or nothing: a failure raises
 
     async def aclose(self) -> None:
