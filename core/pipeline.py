@@ -335,7 +335,7 @@ class ProxyEndpoint:
         collect: list[bytes] | None = [] if ctx.state.get("cache.collect") else None
         await send({"type": "http.response.start", "status": 200, "headers": self.success_headers(ctx, sse=True)})
         try:
-            outcome = await _pump(frames, first, send, receive, collect, self.ingress, ctx)
+            outcome = await _pump(frames, first, send, receive, collect, self.ingress, ctx, self.deadline(ctx))
         except asyncio.CancelledError:
             # the server gave up on this stream (shutdown past the drain deadline): still account for it
             ctx.usage = call.usage or _estimated_after_cut(call)
@@ -509,10 +509,13 @@ async def _pump(
     collect: list[bytes] | None,
     ingress: Ingress | None,
     ctx: RequestContext,
+    deadline: float,
 ) -> GatewayError | str:
-    """Forward frames until the upstream ends, fails, or the client goes away.
+    """Forward frames until the upstream ends, fails, the client goes away, or the request's
+    deadline (``time.perf_counter()`` time) passes.
 
-    Returns "done", "disconnected", or the error that ended the stream (already sent as an event).
+    Returns "done", "disconnected", or the error that ended the stream (already sent as an event;
+    past the deadline an :class:`UpstreamTimeoutError`).
     Collected chunks (for the cache) are always the OpenAI frames, whatever the ingress.
 
     Without an ingress the first chunk leaves from this task at once (no task switch before the
@@ -586,8 +589,11 @@ async def _pump(
 
     pump = asyncio.create_task(forward())
     watcher = asyncio.create_task(watch())
+    late = False
     try:
-        await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        remaining = max(0.0, deadline - time.perf_counter())
+        done, _ = await asyncio.wait((pump, watcher), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        late = not done
     finally:
         # on a disconnect, or when this task itself is cancelled (shutdown past the drain deadline),
         # stop forwarding and close the upstream before anything else happens
@@ -597,6 +603,12 @@ async def _pump(
             await asyncio.gather(pump, return_exceptions=True)
         await _close(out)
         await _close(frames)
+    if late:  # the whole request has a deadline, not only its wait for the first byte
+        timeout = UpstreamTimeoutError("The stream did not finish within the request deadline")
+        try:
+            return await fail(timeout)
+        except OSError:
+            return "disconnected"
     if pump.cancelled():
         return "disconnected"
     return pump.result()

@@ -92,6 +92,36 @@ async def test_failure_after_first_byte_ends_with_one_error_event(
     assert recorder.records[0].usage.completion_tokens > 0
 
 
+async def test_a_stream_past_the_request_deadline_ends_with_a_timeout_event(
+    upstream: Upstream, serve_gateway: GatewayFactory
+) -> None:
+    """The model's ``timeout`` bounds the whole request, not only the wait for the first byte: an
+    upstream that stalls mid-stream is cut at the deadline, the client gets one timeout event and no
+    [DONE], the upstream call is cancelled and the request is accounted for."""
+    fake, url = upstream
+    recorder = Recorder()
+    async with serve_gateway(
+        upstream_toml(url, models(("m", ["gated"]), extra="timeout = 0.5")), plugins={"rec": recorder}
+    ) as gw:
+        async with httpx.AsyncClient(base_url=gw, timeout=30) as http:
+            async with http.stream("POST", "/v1/chat/completions", json={**BODY, "model": "m"}) as response:
+                events = await read_events(response)
+        for _ in range(200):
+            if fake.disconnected and recorder.records:
+                break
+            await asyncio.sleep(0.01)
+    assert response.status_code == 200
+    assert events[0].startswith(b"data: {")  # the first chunks came through
+    assert b"data: [DONE]" not in events
+    error = orjson.loads(events[-1][6:])["error"]
+    assert (error["type"], error["code"]) == ("timeout", "upstream_timeout")
+    assert "deadline" in error["message"]
+    assert fake.disconnected == 1  # the stalled upstream call was cancelled
+    [record] = recorder.records
+    assert (record.status, record.error_code) == (504, "upstream_timeout")
+    assert record.usage.completion_tokens > 0  # what reached the client is billed
+
+
 async def test_fallback_before_first_byte(upstream: Upstream, serve_gateway: GatewayFactory) -> None:
     fake, url = upstream
     recorder = Recorder()
