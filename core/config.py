@@ -25,6 +25,9 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 CORE_SECTIONS = ("server", "plugins", "providers", "models")
 
+# provider options whose values are secrets (api_key, azure_client_secret, azure_ad_token, password...)
+_SECRET_NAME = re.compile(r"key|secret|password|(^|_)token$", re.IGNORECASE)
+
 
 def _interpolate(value: Any, key: str, file: str, env: Mapping[str, str]) -> Any:
     if isinstance(value, str) and "${" in value:
@@ -199,7 +202,7 @@ class ProviderConfig:
         """Values that must never reach a client, a log line or a metric."""
         values = [self.api_key or ""]
         values += [v for k, v in self.headers.items() if k.lower() in ("authorization", "api-key", "x-api-key")]
-        values += [v for k, v in self.options.items() if isinstance(v, str) and "key" in k.lower()]
+        values += [v for k, v in self.options.items() if isinstance(v, str) and _SECRET_NAME.search(k)]
         return tuple(v for v in values if v)
 
 

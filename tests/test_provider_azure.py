@@ -4,6 +4,8 @@ with ``openai.AsyncAzureOpenAI`` at the bottom of this file."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from llmgateway.core.config import parse_config
 from llmgateway.core.errors import ConfigError
 from tests.conftest import GatewayFactory, sdk
 from tests.fakes.azure_server import ANSWER, KEY, TOKEN, FakeAzure
+from tests.fakes.entra_server import CLIENT_ID, CLIENT_SECRET, TENANT, FakeEntra
 from tests.servers import running
 
 DEPLOYMENTS = (
@@ -118,6 +121,89 @@ async def test_entra_token_and_v1_path_style(serve_gateway: GatewayFactory, azur
         assert request.headers["authorization"] == f"Bearer {TOKEN}"
         assert "api-key" not in request.headers
         assert request.body["model"] == "gpt4o-prod"
+
+
+@pytest.fixture(scope="session")
+async def entra_server() -> AsyncIterator[tuple[FakeEntra, str]]:
+    fake = FakeEntra()
+    async with running(fake) as url:
+        yield fake, url
+
+
+@pytest.fixture
+async def entra(entra_server: tuple[FakeEntra, str], azure: tuple[FakeAzure, str]) -> tuple[FakeEntra, str]:
+    fake, url = entra_server
+    fake.reset()
+    fake.accept = azure[0].tokens  # Azure OpenAI accepts the tokens the identity platform issues
+    return fake, url
+
+
+def principal(entra_url: str, secret: str = CLIENT_SECRET) -> str:
+    return (
+        f'azure_tenant_id = "{TENANT}"\nazure_client_id = "{CLIENT_ID}"\nazure_client_secret = "{secret}"\n'
+        f'azure_authority_host = "{entra_url}"'
+    )
+
+
+async def test_a_service_principal_token_is_fetched_once_and_renewed_before_it_expires(
+    serve_gateway: GatewayFactory, azure: tuple[FakeAzure, str], entra: tuple[FakeEntra, str]
+) -> None:
+    fake, url = azure
+    identity, entra_url = entra
+    identity.expires_in = 4  # renewed after half its lifetime (2 s), sent until 3.6 s
+    async with serve_gateway(config(url, auth=principal(entra_url))) as gw, sdk(gw) as client:
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            *[client.chat.completions.create(model="gpt4o-prod", messages=HELLO) for _ in range(5)]
+        )
+        stream = await client.chat.completions.create(model="gpt4o-prod", messages=HELLO, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert len(identity.issued) == 1  # five concurrent requests and a stream shared one token
+        await asyncio.sleep(max(0.0, started + 2.3 - time.monotonic()))
+        await client.chat.completions.create(model="gpt4o-prod", messages=HELLO)  # old token, renewal starts
+        for _ in range(100):
+            if len(identity.issued) == 2:
+                break
+            await asyncio.sleep(0.02)
+        renewed = time.monotonic()
+        await client.chat.completions.create(model="gpt4o-prod", messages=HELLO)
+        await asyncio.sleep(3.7)  # every token has expired: the next request waits for a new one
+        assert time.monotonic() - renewed > 3.6
+        await client.chat.completions.create(model="gpt4o-prod", messages=HELLO)
+    assert [a.choices[0].message.content for a in answers] == [ANSWER] * 5
+    assert text.strip() == ANSWER
+    first, second, third = identity.issued
+    bearers = [r.headers["authorization"] for r in fake.requests]
+    assert bearers == [f"Bearer {first}"] * 7 + [f"Bearer {second}", f"Bearer {third}"]
+    assert all("api-key" not in r.headers for r in fake.requests)
+    token_request = identity.requests[0]
+    assert token_request.path == f"/{TENANT}/oauth2/v2.0/token"
+    assert token_request.body == {
+        "grant_type": "client_credentials",
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "scope": "https://cognitiveservices.azure.com/.default",
+    }
+
+
+async def test_a_wrong_client_secret_is_a_clear_error_that_never_shows_the_secret(
+    serve_gateway: GatewayFactory, azure: tuple[FakeAzure, str], entra: tuple[FakeEntra, str]
+) -> None:
+    fake, url = azure
+    identity, entra_url = entra
+    wrong = "wrong-secret~abcdefghijklmnop"
+    async with serve_gateway(config(url, auth=principal(entra_url, wrong))) as gw, sdk(gw) as client:
+        for _ in range(3):
+            with pytest.raises(openai.AuthenticationError) as info:
+                await client.chat.completions.create(model="gpt4o-prod", messages=HELLO)
+            error = info.value.body
+            assert isinstance(error, dict)
+            assert "Microsoft Entra ID token" in error["message"]
+            assert "invalid_client: AADSTS7000215" in error["message"]
+            assert wrong not in str(error)
+            assert "Trace ID" not in error["message"]  # one line of the description
+    assert len(identity.requests) == 1  # the failure is remembered for a while, not retried per request
+    assert fake.requests == []  # nothing reached Azure OpenAI without a token
 
 
 async def test_stream_drops_annotation_chunks_and_forwards_usage_when_asked(
@@ -289,6 +375,15 @@ async def test_the_key_never_reaches_the_client(serve_gateway: GatewayFactory, a
             "providers.az.azure_ad_token",
         ),
         ('[providers.az]\ntype = "azure"\nbase_url = "https://x.openai.azure.com"\n', "providers.az.api_key"),
+        (
+            '[providers.az]\ntype = "azure"\nbase_url = "https://x"\nazure_tenant_id = "t"\nazure_client_secret = "s"\n',
+            "providers.az.azure_client_id",
+        ),
+        (
+            '[providers.az]\ntype = "azure"\nbase_url = "https://x"\napi_key = "k"\nazure_tenant_id = "t"\n'
+            'azure_client_id = "c"\nazure_client_secret = "s"\n',
+            "providers.az.api_key",
+        ),
         (
             '[providers.az]\ntype = "azure"\nbase_url = "https://x"\napi_key = "k"\napi_style = "v2"\n',
             "providers.az.api_style",

@@ -6,6 +6,11 @@ Config (``[providers.NAME]``)::
     base_url = "https://my-resource.openai.azure.com"   # the resource endpoint
     api_key = "${AZURE_OPENAI_API_KEY}"                  # sent as the ``api-key`` header
     # azure_ad_token = "${AZURE_OPENAI_AD_TOKEN}"        # or a Microsoft Entra ID token (Bearer)
+    # azure_tenant_id = "..."                            # or a service principal: tokens fetched
+    # azure_client_id = "..."                            # and renewed by the gateway (client
+    # azure_client_secret = "${AZURE_CLIENT_SECRET}"     # credentials; see plugins/providers/entra.py)
+    # azure_authority_host = "https://login.microsoftonline.com"
+    # azure_scope = "https://cognitiveservices.azure.com/.default"
     api_version = "2024-10-21"                           # the ``api-version`` query parameter
     api_style = "deployments"                            # or "v1" for /openai/v1/ (no api-version)
 
@@ -32,10 +37,11 @@ Azure speaks the OpenAI format with a few additions, handled here:
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
@@ -52,6 +58,7 @@ from llmgateway.core.provider import (
 )
 from llmgateway.core.sse import SSEDecoder, frame, parse_event
 from llmgateway.core.types import Usage
+from llmgateway.plugins.providers.entra import DEFAULT_AUTHORITY, DEFAULT_SCOPE, EntraToken
 from llmgateway.plugins.providers.openai import OpenAIProvider, StreamState
 
 #: the newest generally available data-plane API version when this was written
@@ -64,6 +71,9 @@ _TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 
 
+_PRINCIPAL = ("azure_tenant_id", "azure_client_id", "azure_client_secret")
+
+
 @dataclass(slots=True)
 class _StreamState(StreamState):
     prompt_filters: Any = None
@@ -71,7 +81,9 @@ class _StreamState(StreamState):
 
 class AzureOpenAIProvider(OpenAIProvider):
     capabilities = frozenset({"chat", "chat_stream", "completions", "completions_stream", "embeddings"})
-    option_keys = frozenset({"api_version", "api_style", "azure_ad_token"})
+    option_keys = frozenset(
+        {"api_version", "api_style", "azure_ad_token", *_PRINCIPAL, "azure_authority_host", "azure_scope"}
+    )
 
     @classmethod
     def validate_config(cls, config: ProviderConfig) -> None:
@@ -79,19 +91,37 @@ class AzureOpenAIProvider(OpenAIProvider):
         section.choice("api_style", ("deployments", "v1"), "deployments")
         section.opt_string("api_version")
         token = section.opt_string("azure_ad_token")
+        principal = {name: section.opt_string(name) for name in _PRINCIPAL}
+        section.opt_string("azure_authority_host")
+        section.opt_string("azure_scope")
         section.check_unknown()
         if not config.base_url:
             raise ConfigError(
                 "is required for Azure OpenAI: the resource endpoint, e.g. https://my-resource.openai.azure.com",
                 key=f"{config.key}.base_url",
             )
+        if any(principal.values()):
+            missing = [name for name, value in principal.items() if not value]
+            if missing:
+                raise ConfigError(
+                    "is required with the other service principal settings (azure_tenant_id, azure_client_id, "
+                    "azure_client_secret)",
+                    key=f"{config.key}.{missing[0]}",
+                )
+            if token or config.api_key:
+                other = "azure_ad_token" if token else "api_key"
+                raise ConfigError(
+                    "give one way to authenticate: a service principal, azure_ad_token or api_key",
+                    key=f"{config.key}.{other}",
+                )
+            return
         if token and config.api_key:
             raise ConfigError("give either api_key or azure_ad_token, not both", key=f"{config.key}.azure_ad_token")
         has_auth_header = any(k.lower() in ("api-key", "authorization") for k in config.headers)
         if not token and not config.api_key and not has_auth_header:
             raise ConfigError(
-                "is required: an API key (sent as the api-key header), or set azure_ad_token to a Microsoft "
-                "Entra ID token",
+                "is required: an API key (sent as the api-key header), azure_ad_token (a Microsoft Entra ID "
+                "token), or a service principal (azure_tenant_id, azure_client_id, azure_client_secret)",
                 key=f"{config.key}.api_key",
             )
 
@@ -109,13 +139,62 @@ class AzureOpenAIProvider(OpenAIProvider):
             self.params["api-version"] = str(version)
         headers = {"content-type": "application/json", "accept": "application/json"}
         token = self.option("azure_ad_token")
-        if token:
+        self.entra: EntraToken | None = None
+        self._token: str | None = None
+        if self.option("azure_tenant_id"):
+            self.entra = EntraToken(
+                self.name,
+                http,
+                tenant_id=str(self.option("azure_tenant_id")),
+                client_id=str(self.option("azure_client_id")),
+                client_secret=str(self.option("azure_client_secret")),
+                authority=str(self.option("azure_authority_host") or DEFAULT_AUTHORITY),
+                scope=str(self.option("azure_scope") or DEFAULT_SCOPE),
+                secrets=self.secrets,
+            )
+        elif token:
             headers["authorization"] = f"Bearer {token}"
-            self.secrets = (*self.secrets, str(token))  # its option name has no "key" in it
         elif config.api_key:
             headers["api-key"] = config.api_key
         headers.update(config.headers)
         self.headers = headers
+
+    # ---- a service principal's token ---------------------------------------------------------
+
+    async def _authorize(self) -> None:
+        """Send the current Entra ID token (renewed by :class:`EntraToken`) from now on."""
+        assert self.entra is not None
+        token = await self.entra.get()
+        if token != self._token:
+            self._token = token
+            self.headers = {**self.headers, "authorization": f"Bearer {token}"}  # a new dict: no torn reads
+            self.secrets = self.entra.secrets
+
+    async def _post_json(self, path: str, call: UpstreamCall) -> dict[str, Any]:
+        if self.entra is not None:
+            await self._authorize()
+        return await super()._post_json(path, call)
+
+    def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
+        if self.entra is not None:
+            return self._authorized_stream("/chat/completions", call)
+        return super().chat_stream(call)
+
+    def completions_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
+        if self.entra is not None:
+            return self._authorized_stream("/completions", call)
+        return super().completions_stream(call)
+
+    async def _authorized_stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
+        await self._authorize()
+        async with contextlib.aclosing(cast(AsyncGenerator[bytes, None], self._stream(path, call))) as frames:
+            async for frame in frames:
+                yield frame
+
+    async def aclose(self) -> None:
+        if self.entra is not None:
+            await self.entra.aclose()
+        await super().aclose()
 
     def url(self, path: str, deployment_model: str) -> str:
         if self.v1:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -65,6 +65,13 @@ AzureRequest = Recorded  # its query keeps the first value of each parameter
 
 @dataclass
 class FakeAzure(FakeServer):
+    #: bearer tokens accepted besides TOKEN (an identity platform fake adds the ones it issues)
+    tokens: set[str] = field(default_factory=set)
+
+    def reset(self) -> None:
+        super().reset()
+        self.tokens.clear()
+
     async def handle(self, request: Request, send: Send, receive: Receive) -> None:
         headers = request.headers
         query = {k: v[0] for k, v in request.query.items()}
@@ -137,12 +144,13 @@ class FakeAzure(FakeServer):
         else:
             await self._error(send, 404, "404", "Resource not found")
 
-    @staticmethod
-    def _authorized(headers: dict[str, str], v1: bool) -> bool:
+    def _authorized(self, headers: dict[str, str], v1: bool) -> bool:
         if headers.get("api-key") == KEY:
             return True
         bearer = headers.get("authorization", "")
-        return bearer == f"Bearer {TOKEN}" or (v1 and bearer == f"Bearer {KEY}")
+        return bearer in (f"Bearer {TOKEN}", *(f"Bearer {t}" for t in self.tokens)) or (
+            v1 and bearer == f"Bearer {KEY}"
+        )
 
     # ---- bodies ------------------------------------------------------------------------------
 
