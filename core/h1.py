@@ -606,7 +606,9 @@ class H1Response:
 
 
 class H1Pool:
-    """Keep-alive connections per origin, at most ``max_connections`` open at once (all origins)."""
+    """Keep-alive connections per origin, at most ``max_connections`` open at once (all origins).
+    Requests that find every slot taken wait in one queue, first come first served (up to
+    ``pool_timeout``)."""
 
     def __init__(
         self,
@@ -621,7 +623,8 @@ class H1Pool:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._connecting = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (ticket, waiter), oldest first
+        self._tickets = 0
         self._targets: dict[str, Target] = {}
         self._known_names: set[bytes] = set()
         self._sweep: asyncio.TimerHandle | None = None
@@ -675,6 +678,7 @@ class H1Pool:
         if self._closed:
             raise httpx.ConnectError("the upstream connection pool is closed")
         deadline = None if pool_timeout is None else loop.time() + pool_timeout
+        ticket = 0  # its place in the queue once it has waited: woken too early, it keeps that place
         while True:
             idle = self._idle.get(target.key)
             if idle:
@@ -692,9 +696,16 @@ class H1Pool:
                 self._evict_idle()  # another origin's idle connection makes room
             if len(self._open) + self._connecting < self._limit:
                 return await self._connect(loop, target, connect_timeout)
-            # full: wait for a connection to come back or go away
+            # full: wait for a connection to come back or go away, first come first served
             waiter = loop.create_future()
-            self._waiters.append(waiter)
+            waiters = self._waiters
+            if not ticket:
+                self._tickets += 1
+                ticket = self._tickets
+                waiters.append((ticket, waiter))
+            else:  # back in its place, ahead of everyone who came after it
+                place = next((i for i, (other, _) in enumerate(waiters) if other > ticket), len(waiters))
+                waiters.insert(place, (ticket, waiter))
             try:
                 if deadline is None:
                     await waiter
@@ -707,7 +718,7 @@ class H1Pool:
                 else:
                     waiter.cancel()
                     with contextlib.suppress(ValueError):
-                        self._waiters.remove(waiter)
+                        self._waiters.remove((ticket, waiter))
                 if isinstance(exc, TimeoutError):
                     raise httpx.PoolTimeout("no free upstream connection in time") from None
                 raise
@@ -764,7 +775,7 @@ class H1Pool:
     def _wake_one(self) -> None:
         waiters = self._waiters
         while waiters:
-            waiter = waiters.popleft()
+            _, waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
@@ -818,7 +829,7 @@ class H1Pool:
             else:
                 conn.close()
         self._idle.clear()
-        for waiter in self._waiters:
+        for _, waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(httpx.ConnectError("the upstream connection pool is closed"))
         self._waiters.clear()

@@ -360,6 +360,33 @@ async def test_the_pool_limit_queues_requests_and_the_pool_timeout_bounds_the_wa
     assert server.connections == 1
 
 
+async def test_a_full_pool_serves_waiting_requests_first_come_first_served() -> None:
+    """Requests waiting for a connection get one in the order they came, also when the connection
+    freed belongs to another origin (the first waiter closes it to open its own, which wakes the next
+    waiter too early: that one must keep its place, not go to the back behind later requests)."""
+    gate = asyncio.Event()
+
+    async def slow_body(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
+        await gate.wait()
+        await conn.send(b"done")
+        await conn.request()  # keep the connection open until the client closes it
+
+    async with serving(slow_body) as (_, url_a), serving(answers(json_answer())) as (server_b, url_b):
+        async with pooled(max_connections=1) as pool:
+            held = await pool.request(b"POST", url_a + "/", [], b"", connect_timeout=5, read_timeout=5)
+            first = [asyncio.create_task(post(pool, url_b, body=b"waiter-%d" % i)) for i in range(3)]
+            await asyncio.sleep(0.05)  # three requests wait for the one connection
+            late = asyncio.create_task(post(pool, url_b, body=b"late"))
+            await asyncio.sleep(0.05)
+            gate.set()  # the connection to A is free (and idle): the waiters take turns
+            assert await held.read() == b"done"
+            assert await asyncio.gather(*first, late) == [(200, b'{"ok":true}')] * 4
+    bodies = [request.split(b"\r\n\r\n", 1)[1] for request in server_b.requests]
+    assert bodies == [b"waiter-0", b"waiter-1", b"waiter-2", b"late"]
+
+
 async def test_closing_a_stream_early_closes_its_connection_and_the_server_sees_it() -> None:
     disconnected = asyncio.Event()
 
