@@ -169,7 +169,8 @@ class MemoryBackend:
                                 wait = stamp + WINDOW_MS - now
                                 break
                     return Verdict(False, scope.name, "tokens", wait, rule.tpm)
-            if rule.max_parallel is not None:
+            if rule.max_parallel is not None and len(entry.conc) + 1 > rule.max_parallel:
+                # expired leases (their request's end never came) are looked for only when full
                 for lease_member in [m for m, until in entry.conc.items() if until <= now]:
                     del entry.conc[lease_member]
                 if len(entry.conc) + 1 > rule.max_parallel:
@@ -533,6 +534,7 @@ class RateLimitPlugin:
         self._client: Any = None
         self._redis_down_until = 0.0
         self.resolver = LimitsResolver()
+        self._scopes: dict[tuple[Any, ...], tuple[IdentityLimits, list[tuple[str, Rule]]]] = {}
         self.stats: dict[str, int] = {"redis_errors": 0, "local_fallbacks": 0, "allowed_without_redis": 0}
 
     @hookimpl
@@ -580,6 +582,24 @@ class RateLimitPlugin:
         """The limited scopes this request counts against (none: nothing to check). Their token
         estimate is computed only when there is a scope to count it in."""
         principal = ctx.principal
+        # the same identity, model and limits give the same scopes: kept (keyed by the limits' id,
+        # checked by identity on the way out)
+        cache_key = (principal.kind, principal.key_id, principal.user_id, principal.team_id, ctx.alias, id(limits))
+        cached = self._scopes.get(cache_key)
+        if cached is not None and cached[0] is limits:
+            limited = cached[1]
+        else:
+            limited = self._limited(ctx, limits)
+            if len(self._scopes) >= 10_000:
+                self._scopes.clear()
+            self._scopes[cache_key] = (limits, limited)
+        if not limited:
+            return []
+        tokens = estimate_prompt_tokens(ctx.body) + (ctx.max_output_tokens() or 0)
+        return [Scope(name, rule, tokens) for name, rule in limited]
+
+    def _limited(self, ctx: RequestContext, limits: IdentityLimits) -> list[tuple[str, Rule]]:
+        principal = ctx.principal
         candidates: list[tuple[str, Rule]] = []
         if principal.kind == "virtual_key" and principal.key_id:
             candidates.append((f"key:{principal.key_id}", Rule.of(limits.key).over(self.defaults["key"])))
@@ -589,11 +609,7 @@ class RateLimitPlugin:
             candidates.append((f"team:{principal.team_id}", Rule.of(limits.team).over(self.defaults["team"])))
         if ctx.alias:
             candidates.append((f"model:{ctx.alias}", self.models.get(ctx.alias, self.defaults["model"])))
-        limited = [(name, rule) for name, rule in candidates if not rule.empty]
-        if not limited:
-            return []
-        tokens = estimate_prompt_tokens(ctx.body) + (ctx.max_output_tokens() or 0)
-        return [Scope(name, rule, tokens) for name, rule in limited]
+        return [(name, rule) for name, rule in candidates if not rule.empty]
 
     @hookimpl
     async def llmgateway_check_limits(self, ctx: RequestContext) -> None:
