@@ -4,29 +4,34 @@ real gateway, write-behind batching, the spool, configuration errors, ``llmgatew
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from llmgateway.core.app import create_app
 from llmgateway.core.config import parse_config
 from llmgateway.core.errors import ConfigError
 from llmgateway.core.types import ANONYMOUS, Principal
+from llmgateway.plugins.storage import queries
 from llmgateway.plugins.storage.database import Database
 from llmgateway.plugins.storage.plugin import SchemaBehindError
-from llmgateway.plugins.storage.sql import fetch
-from llmgateway.plugins.storage.writer import UsageWriter
+from llmgateway.plugins.storage.sql import boolean, execute, fetch, timestamp
+from llmgateway.plugins.storage.writer import UsageWriter, to_row
 from tests.conftest import GatewayFactory, sdk
 from tests.test_storage_support import (
     database_url,
     decision,
     decision_rows,
+    decisions_of,
     opened,
     pg_database,
     record,
@@ -39,6 +44,7 @@ LATEST = [
     "0002_usage_hour_rollup_savings_unique_decisions",
     "0003_rollup_grouping_sets",
     "0004_usage_hour_index",
+    "0005_usage_routing_decision",
 ]
 
 DEMO = """
@@ -193,7 +199,7 @@ async def test_migrations_from_an_empty_database(db_url: str) -> None:
 async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None:
     """A database created at 0001 with rows in it upgrades to the latest: the new hour column is
     filled from created_at, duplicate decisions are removed, fell_back is derived from fallbacks,
-    rollups are regrouped into grouping sets."""
+    rollups are regrouped into grouping sets, the decision lands in its usage row."""
     async with opened(db_url, target="0001_initial") as database:
         assert (await database.status()).pending == LATEST[1:]
         connection = database.connection
@@ -234,18 +240,183 @@ async def test_upgrade_from_the_first_schema_keeps_the_data(db_url: str) -> None
             ("team_id,alias,provider", None, "t1", "fast", 7, 1.0),
             ("user_id,team_id", None, "t1", None, 7, 1.0),
         ]
-        decisions = await fetch(database, "SELECT request_id, fell_back FROM routing_decisions")
-        assert [(d["request_id"], bool(d["fell_back"])) for d in decisions] == [("old-1", True)]
+        decisions = [(d["request_id"], d["reason"], bool(d["fell_back"])) for d in await decisions_of(database)]
+        assert decisions == [("old-1", "why", True)]
         # the new constraint and columns work
         writer = UsageWriter(database, spool_dir="/nonexistent")
         writer.put(record("new-1", cached=2), decision(fallbacks=["b"]))
         writer.put(record("new-1"), decision())  # the same request again: ignored
         await writer.flush()
-        decided = await fetch(database, "SELECT request_id FROM routing_decisions ORDER BY request_id")
-        assert [r["request_id"] for r in decided] == ["new-1", "old-1"]
-        # and it rolls back to 0001 and forward again
+        decided = [(d["request_id"], bool(d["fell_back"])) for d in await decisions_of(database)]
+        assert decided == [("old-1", True), ("new-1", True)]
+        # and it rolls back to 0001 (the decisions back in routing_decisions) and forward again
         assert await database.migrate("0001_initial") == ["-" + name for name in reversed(LATEST[1:])]
+        back = await fetch(database, "SELECT request_id, reason FROM routing_decisions ORDER BY request_id")
+        assert [(r["request_id"], r["reason"]) for r in back] == [("new-1", "config order"), ("old-1", "why")]
         assert await database.migrate() == LATEST[1:]
+        assert [(d["request_id"], bool(d["fell_back"])) for d in await decisions_of(database)] == decided
+
+
+async def test_upgrade_from_0004_folds_the_routing_decisions_into_the_usage_rows(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database at 0004 (usage rows and decisions in two tables, as the previous version wrote
+    them) migrates to 0005: each decision is in its usage row, rows without one have none, a
+    decision whose usage row is gone is dropped, and routing statistics answer as they did. Rolling
+    back puts the decisions back in their table and keeps usage_records' indexes."""
+    base = 1_764_000_000.0
+    rows = [
+        to_row(
+            record(f"r{i:02d}", started_at=base + i * 60, alias=("fast", "smart")[i % 2], status=500 if i % 9 else 200),
+            None
+            if i % 10 == 3
+            else decision(
+                ("fast", "smart")[i % 2],
+                fallbacks=["x/y/z#1"] if i % 4 == 0 else None,
+                reason=("config order", "lowest p50 latency")[i % 3 % 2],
+            ),
+        )
+        for i in range(40)
+    ]
+    for i, row in enumerate(rows):
+        if "decision" in row:
+            row["decision"]["strategy"] = ("ordered", "latency")[i % 3 % 2]
+            row["decision"]["chosen"] = None if i % 11 == 0 else f"d{i % 3}"
+            row["decision"]["outcome"] = "success" if row["status"] == 200 else "500"
+    start, end = dt.datetime.fromtimestamp(base + 300, dt.UTC), dt.datetime.fromtimestamp(base + 1800, dt.UTC)
+    old_stats = (  # the statement routing_stats ran on routing_decisions before 0005
+        "SELECT strategy, reason, chosen, outcome, COUNT(*) AS n, SUM(CASE WHEN fell_back THEN 1 ELSE 0 END) AS f "
+        "FROM routing_decisions WHERE created_at >= ? AND created_at < ?{} GROUP BY strategy, reason, chosen, outcome"
+    )
+    async with opened(db_url, target="0004_usage_hour_index") as database:
+        indexes = await usage_indexes(database)
+        await insert_as_before_0005(database, rows)
+        before = [
+            await fetch(database, old_stats.format(""), [timestamp(database, start), timestamp(database, end)]),
+            await fetch(
+                database,
+                old_stats.format(" AND alias = ?"),
+                [timestamp(database, start), timestamp(database, end), "fast"],
+            ),
+        ]
+        orphan = to_row(record("orphan", started_at=base + 600), decision())
+        await insert_as_before_0005(database, [orphan], usage=False)
+        assert await database.migrate() == ["0005_usage_routing_decision"]
+
+        found = {d["request_id"]: d for d in await decisions_of(database)}
+        assert set(found) == {r["request_id"] for r in rows if "decision" in r}  # not the orphan
+        for row in rows:
+            if "decision" not in row:
+                continue
+            got, want = found[row["request_id"]], row["decision"]
+            assert (got["alias"], got["strategy"], got["chosen"], got["reason"], got["outcome"]) == (
+                want["alias"],
+                want["strategy"],
+                want["chosen"],
+                want["reason"],
+                want["outcome"],
+            )
+            assert [json_value(got["candidates"]), json_value(got["fallbacks"])] == [
+                want["candidates"],
+                want["fallbacks"],
+            ]
+            assert bool(got["fell_back"]) == bool(want["fallbacks"])
+        plain = await fetch(database, "SELECT request_id, fell_back FROM usage_records WHERE strategy IS NULL")
+        assert sorted((r["request_id"], bool(r["fell_back"])) for r in plain) == [
+            (r["request_id"], False) for r in rows if "decision" not in r
+        ]
+        assert not await fetch(database, "SELECT id FROM usage_records WHERE request_id = 'orphan'")
+
+        for groups, alias in zip(before, (None, "fast"), strict=True):
+            stats = await queries.routing_stats(database, start, end, alias=alias)
+            with monkeypatch.context() as patched:  # routing_stats' answer from what its old statement returned
+                patched.setattr(queries, "fetch", lambda *_, rows=groups: returning(rows))
+                was = await queries.routing_stats(database, start, end, alias=alias)
+            assert stats["decisions"] > 10
+            assert canonical(stats) == canonical(was)
+
+        assert await database.migrate("0004_usage_hour_index") == ["-0005_usage_routing_decision"]
+        assert await usage_indexes(database) == indexes
+        back = await fetch(database, "SELECT request_id, chosen FROM routing_decisions ORDER BY request_id")
+        assert [(r["request_id"], r["chosen"]) for r in back] == sorted(
+            (r["request_id"], r["decision"]["chosen"]) for r in rows if "decision" in r
+        )
+
+
+async def usage_indexes(db: Database) -> list[str]:
+    if db.dialect == "postgres":
+        found = await fetch(db, "SELECT indexdef AS i FROM pg_indexes WHERE tablename = 'usage_records'")
+    else:
+        found = await fetch(
+            db, "SELECT sql AS i FROM sqlite_master WHERE tbl_name = 'usage_records' AND type = 'index'"
+        )
+    return sorted(str(r["i"]) for r in found)
+
+
+async def insert_as_before_0005(db: Database, rows: list[dict[str, Any]], *, usage: bool = True) -> None:
+    """Write spool-format rows the way the previous version did: a usage row and a routing_decisions row."""
+    for row in rows:
+        created = timestamp(db, dt.datetime.fromtimestamp(row["started_at"], dt.UTC))
+        if usage:
+            await execute(
+                db,
+                "INSERT INTO usage_records (request_id, created_at, hour, endpoint, alias, deployment, prompt_tokens, "
+                "completion_tokens, cached_tokens, reasoning_tokens, usage_estimated, latency_ms, status, cache_hit, "
+                "streamed, client_disconnected, attempts, metadata) VALUES (?, ?, ?, ?, ?, ?, 1, 1, 0, 0, ?, 1.5, ?, ?, "
+                "?, ?, 1, '{}')",
+                [
+                    row["request_id"],
+                    created,
+                    int(row["started_at"] // 3600),
+                    row["endpoint"],
+                    row["alias"],
+                    row["deployment"],
+                    boolean(db, False),
+                    row["status"],
+                    *[boolean(db, False)] * 3,
+                ],
+            )
+        decision = row.get("decision")
+        if decision:
+            await execute(
+                db,
+                "INSERT INTO routing_decisions (request_id, created_at, alias, strategy, chosen, reason, candidates, "
+                "fallbacks, fell_back, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    row["request_id"],
+                    created,
+                    decision["alias"],
+                    decision["strategy"],
+                    decision["chosen"],
+                    decision["reason"],
+                    orjson.dumps(decision["candidates"]).decode(),
+                    orjson.dumps(decision["fallbacks"]).decode(),
+                    boolean(db, bool(decision["fallbacks"])),
+                    decision["outcome"],
+                ],
+            )
+
+
+def canonical(stats: dict[str, Any]) -> tuple[object, ...]:
+    """routing_stats' answer with its lists sorted (rows with equal counts come in any order)."""
+    return (
+        stats["decisions"],
+        stats["fell_back"],
+        stats["fallback_rate"],
+        *(
+            sorted((tuple(sorted(item.items())) for item in stats[k]), key=repr)
+            for k in ("by_strategy", "by_deployment", "by_outcome")
+        ),
+    )
+
+
+async def returning(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return rows
+
+
+def json_value(value: Any) -> Any:
+    """A JSON column as read back (text on SQLite and from asyncpg)."""
+    return orjson.loads(value) if isinstance(value, (str, bytes)) else value
 
 
 async def test_migrate_on_startup_false_refuses_a_stale_schema(tmp_path: Path) -> None:
@@ -319,7 +490,7 @@ async def test_writer_flushes_in_batches_without_losing_or_duplicating(db: Datab
     rows = await fetch(db, "SELECT request_id, key_id, user_id, team_id FROM usage_records ORDER BY request_id")
     assert [r["request_id"] for r in rows] == ids
     assert {(r["key_id"], r["user_id"], r["team_id"]) for r in rows} == {("k1", "u1", "t1")}
-    assert len(await fetch(db, "SELECT id FROM routing_decisions")) == 617
+    assert [d["request_id"] for d in await decisions_of(db)] == ids[1::2]  # every other request was routed
     assert writer.stats.batches >= 1234 // 50
     assert writer.stats.spooled == 0
 
@@ -363,7 +534,48 @@ async def test_spool_left_by_a_stopped_process_is_replayed_once(db: Database, tm
     assert await second.replay() == 0
     rows = await fetch(db, "SELECT request_id FROM usage_records ORDER BY request_id")
     assert [r["request_id"] for r in rows] == ["req_a", "req_b", "req_c"]
-    assert len(await fetch(db, "SELECT request_id FROM routing_decisions")) == 1
+    assert [d["request_id"] for d in await decisions_of(db)] == ["req_a"]
+
+
+# Two lines of a spool file as the version before migration 0005 wrote them (the decision as an
+# object of its own, its alias included): a file left by a crash is replayed by the next version.
+OLD_SPOOL = (
+    b'{"request_id":"req_spooled_v4","started_at":1764000000.25,"endpoint":"chat.completions","key_id":"k1",'
+    b'"user_id":"u1","team_id":"t1","alias":"chat","provider":"local","deployment":"chat/local/n#1",'
+    b'"upstream_model":"m","prompt_tokens":10,"completion_tokens":5,"cached_tokens":2,"reasoning_tokens":0,'
+    b'"usage_estimated":false,"cost":0.001,"saved_cost":null,"latency_ms":100.0,"ttft_ms":null,"status":200,'
+    b'"error_code":null,"cache_hit":false,"streamed":false,"client_disconnected":false,"attempts":2,'
+    b'"metadata":{"tag":"x"},"decision":{"alias":"chat","strategy":"ordered","candidates":[["chat/local/m#0",null],'
+    b'["chat/local/n#1",0.5]],"chosen":"chat/local/m#0","reason":"config order","fallbacks":["chat/local/n#1"],'
+    b'"outcome":"success"}}\n'
+    b'{"request_id":"req_spooled_v4_plain","started_at":1764000001.5,"endpoint":"chat.completions","key_id":null,'
+    b'"user_id":null,"team_id":null,"alias":"chat","provider":"local","deployment":"chat/local/m#0",'
+    b'"upstream_model":"m","prompt_tokens":10,"completion_tokens":5,"cached_tokens":0,"reasoning_tokens":0,'
+    b'"usage_estimated":false,"cost":0.001,"saved_cost":null,"latency_ms":100.0,"ttft_ms":null,"status":200,'
+    b'"error_code":null,"cache_hit":false,"streamed":false,"client_disconnected":false,"attempts":1,"metadata":{}}\n'
+)
+
+
+async def test_a_spool_written_by_the_previous_version_is_replayed(db: Database, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "usage-999999-0badf00d-0.jsonl").write_bytes(OLD_SPOOL)  # a process that is gone
+    writer = UsageWriter(db, spool_dir=str(spool))
+    assert await writer.replay() == 2
+    rows = {r["request_id"]: r for r in await fetch(db, "SELECT * FROM usage_records")}
+    assert set(rows) == {"req_spooled_v4", "req_spooled_v4_plain"}
+    routed = rows["req_spooled_v4"]
+    assert (routed["deployment"], routed["chosen"], routed["attempts"]) == ("chat/local/n#1", "chat/local/m#0", 2)
+    assert (routed["strategy"], routed["route_reason"], routed["outcome"]) == ("ordered", "config order", "success")
+    assert json_value(routed["candidates"]) == [["chat/local/m#0", None], ["chat/local/n#1", 0.5]]
+    assert (json_value(routed["fallbacks"]), bool(routed["fell_back"])) == (["chat/local/n#1"], True)
+    assert json_value(routed["metadata"]) == {"tag": "x"}
+    plain = rows["req_spooled_v4_plain"]
+    assert [plain[c] for c in ("strategy", "chosen", "route_reason", "candidates", "fallbacks", "outcome")] == [
+        None
+    ] * 6
+    assert not plain["fell_back"]
+    assert list(spool.iterdir()) == []
 
 
 async def test_decision_rows_via_url_helper(tmp_path: Path) -> None:
@@ -395,7 +607,7 @@ async def test_cleanup_is_offered_as_a_job(serve_gateway: GatewayFactory, tmp_pa
 
 
 async def test_a_large_batch_with_rows_already_written_is_inserted_once(db: Database, tmp_path: Path) -> None:
-    """One batch larger than a single SQLite statement takes (3,000 rows x 27 columns), half of
+    """One batch larger than a single SQLite statement takes (3,000 rows x 34 columns), half of
     it written before (a spool replayed twice): every row exactly once, decisions too."""
     from llmgateway.plugins.storage.writer import insert_rows, to_row
 
@@ -404,7 +616,8 @@ async def test_a_large_batch_with_rows_already_written_is_inserted_once(db: Data
     await insert_rows(db, rows)
     found = await fetch(db, "SELECT request_id, cached_tokens FROM usage_records ORDER BY request_id")
     assert [(r["request_id"], r["cached_tokens"]) for r in found] == [(f"req_{i:05d}", i % 7) for i in range(3_000)]
-    assert len(await fetch(db, "SELECT id FROM routing_decisions")) == 1_500
+    decided = await decisions_of(db)
+    assert [d["request_id"] for d in decided] == [f"req_{i:05d}" for i in range(1, 3_000, 2)]
 
 
 async def test_values_from_outside_that_do_not_fit_their_columns_do_not_poison_a_batch(db: Database) -> None:
@@ -433,20 +646,15 @@ def test_sqlite_rows_carry_exactly_what_tortoise_and_sqlite3_would_store() -> No
     """On SQLite the writer encodes values itself (the per-value conversions cost more than the
     insert); what it binds must equal what Tortoise's field conversion followed by sqlite3's adapters
     binds, value for value and type for type, for timestamps whose microseconds round up into the
-    next second, halves, whole seconds, and every column's odd cases."""
+    next second, halves, whole seconds, and every column's odd cases (the decision columns of rows
+    with and without a routing decision included)."""
     import random
     import sqlite3
 
     import tortoise.backends.sqlite.executor  # noqa: F401  # registers the adapters Tortoise uses on SQLite
 
-    from llmgateway.plugins.storage.models import RoutingDecisionRecord, UsageRecord
-    from llmgateway.plugins.storage.writer import (
-        DECISION_COLUMNS,
-        USAGE_COLUMNS,
-        _row_lists,
-        _values,
-        to_row,
-    )
+    from llmgateway.plugins.storage.models import UsageRecord
+    from llmgateway.plugins.storage.writer import USAGE_COLUMNS, _row_lists, _values, to_row
 
     rng = random.Random(7)
     stamps = [1_700_000_000.0, 1_700_000_000.9999996, 1_700_000_000.0000005, 1_700_000_000.0000015, 0.25]
@@ -465,23 +673,26 @@ def test_sqlite_rows_carry_exactly_what_tortoise_and_sqlite3_would_store() -> No
             principal=odd if i % 2 else ANONYMOUS,
         )
         usage.metadata = {"tag": "x", "n": i} if i % 3 else {}
-        rows.append(to_row(usage, decision(fallbacks=["a/b/c#1"] if i % 2 else None) if i % 6 else None))
+        routed = decision(fallbacks=["a/b/c#1"] if i % 2 else None, reason="r" * (i % 5)) if i % 6 else None
+        if routed is not None and i % 5 == 0:
+            routed.chosen, routed.outcome, routed.candidates = None, "no_deployment", []
+        if routed is not None and i % 7 == 0:
+            routed.strategy, routed.candidates = "s" * 80, [("a/b/c#0", 1e-9), ("a/b/c#1", float(i))]
+        rows.append(to_row(usage, routed))
 
     def stored(value: object) -> object:
         adapted = sqlite3.adapt(value, sqlite3.PrepareProtocol, value)  # what sqlite3 binds
         return int(adapted) if isinstance(adapted, bool) else adapted
 
-    fast_usage, fast_decisions = _row_lists(rows, sqlite=True)
-    slow_usage, slow_decisions = _row_lists(rows, sqlite=False)
-    for model, columns, fast, slow in (
-        (UsageRecord, USAGE_COLUMNS, fast_usage, slow_usage),
-        (RoutingDecisionRecord, DECISION_COLUMNS, fast_decisions, slow_decisions),
-    ):
-        fields = [model._meta.fields_map[c] for c in columns]
-        assert len(fast) == len(slow) > 1_000
-        for fast_row, slow_row in zip(fast, slow, strict=True):
-            expected = [stored(v) for v in _values(fields, model, slow_row)]
-            assert [(type(v), v) for v in fast_row] == [(type(v), v) for v in expected]
+    fast = _row_lists(rows, sqlite=True)
+    slow = _row_lists(rows, sqlite=False)
+    fields = [UsageRecord._meta.fields_map[c] for c in USAGE_COLUMNS]
+    assert len(fast) == len(slow) == len(rows)
+    strategy = USAGE_COLUMNS.index("strategy")
+    assert 0 < sum(1 for r in fast if r[strategy] is None) < len(rows) // 4  # rows with and without a decision
+    for fast_row, slow_row in zip(fast, slow, strict=True):
+        expected = [stored(v) for v in _values(fields, UsageRecord, slow_row)]
+        assert [(type(v), v) for v in fast_row] == [(type(v), v) for v in expected]
 
 
 async def start_and_stop(app: object) -> list[object]:

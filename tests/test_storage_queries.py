@@ -102,10 +102,12 @@ async def test_rollups_and_retention_keep_the_dashboard_numbers(db: Database) ->
     assert observed(raw_days) == expected(rows, start.replace(hour=0, minute=0), end, 24, "team")
     assert observed(raw_hours) == expected(rows, last_week.replace(minute=0), end, 1, "model")
 
+    assert (await queries.routing_stats(db, start, end))["decisions"] == 3000
     result = await cleanup(db, RETENTION, now=NOW)
     assert result.days_rolled >= 39
     assert result.usage_deleted > 0
-    assert result.decisions_deleted == result.usage_deleted
+    # the routing decisions went with their usage rows
+    assert (await queries.routing_stats(db, start, end))["decisions"] == 3000 - result.usage_deleted
     remaining = await fetch(db, "SELECT MIN(hour) AS h, COUNT(*) AS n FROM usage_records")
     cutoff_hour = int(NOW.timestamp() // 3600) - 30 * 24
     assert remaining[0]["h"] >= cutoff_hour
@@ -194,28 +196,35 @@ async def test_model_metrics_percentiles(db: Database) -> None:
 
 async def test_routing_stats_and_recent_requests(db: Database) -> None:
     rows = generate(140, days=1)
-    await insert_rows(db, rows)
+    unrouted = [
+        to_row(record(f"cached_{i}", started_at=NOW.timestamp() - 60 * i, alias="fast"), None) for i in range(9)
+    ]
+    await insert_rows(db, rows + unrouted)
     start, end = NOW - dt.timedelta(days=1), NOW
     stats = await queries.routing_stats(db, start, end)
-    assert stats["decisions"] == 140
+    assert stats["decisions"] == 140  # requests without a routing decision (cache hits) are not counted
     assert stats["fell_back"] == 20  # every 7th
     assert stats["fallback_rate"] == pytest.approx(20 / 140)
     assert {(s["strategy"], s["reason"]) for s in stats["by_strategy"]} == {("ordered", "config order")}
-    assert sum(d["decisions"] for d in stats["by_deployment"]) == 140
+    # by the deployment the router chose, not the one that answered (alias/p-alias/m#0)
+    assert {d["deployment"]: d["decisions"] for d in stats["by_deployment"]} == {
+        "fast/local/m#0": 70,
+        "smart/local/m#0": 70,
+    }
+    assert stats["by_outcome"] == [{"outcome": "success", "decisions": 140}]
     fast = await queries.routing_stats(db, start, end, alias="fast")
     assert fast["decisions"] == 70
 
     recent = await queries.recent_requests(db, limit=10)
-    newest = sorted(rows, key=lambda r: -r["started_at"])[:10]
+    everything = sorted(rows + unrouted, key=lambda r: -r["started_at"])
+    newest = everything[:10]
     assert [r["request_id"] for r in recent] == [r["request_id"] for r in newest]
     assert isinstance(recent[0]["cache_hit"], bool)
     errors = await queries.recent_requests(db, limit=100, errors_only=True, filters={"team": "team-b"})
     assert errors
     assert all(r["status"] >= 400 and r["team_id"] == "team-b" for r in errors)
     before = await queries.recent_requests(db, limit=5, before=dt.datetime.fromisoformat(recent[4]["created_at"]))
-    assert [r["request_id"] for r in before] == [
-        r["request_id"] for r in sorted(rows, key=lambda r: -r["started_at"])[5:10]
-    ]
+    assert [r["request_id"] for r in before] == [r["request_id"] for r in everything[5:10]]
     with pytest.raises(ValueError, match="unknown dimension"):
         await queries.usage(db, start, end, group_by="colour")
 

@@ -68,9 +68,21 @@ async def usage_rows(url: str, where: str = "1 = 1", params: list[Any] | None = 
         return await fetch(db, f"SELECT * FROM usage_records WHERE {where} ORDER BY id", params)
 
 
+DECISION_COLUMNS = (
+    "request_id, created_at, alias, strategy, chosen, route_reason AS reason, candidates, fallbacks, fell_back, outcome"
+)
+
+
 async def decision_rows(url: str) -> list[dict[str, Any]]:
+    """The routing decisions: the decision columns of the usage rows that have one."""
     async with opened(url, migrate=False) as db:
-        return await fetch(db, "SELECT * FROM routing_decisions ORDER BY id")
+        return await decisions_of(db)
+
+
+async def decisions_of(db: Database, where: str = "1 = 1") -> list[dict[str, Any]]:
+    return await fetch(
+        db, f"SELECT {DECISION_COLUMNS} FROM usage_records WHERE strategy IS NOT NULL AND {where} ORDER BY id"
+    )
 
 
 def record(

@@ -89,7 +89,7 @@ def register(cli: typer.Typer) -> None:
         result = _with_db(settings, lambda db: run_cleanup(db, settings.retention))
         typer.echo(
             f"rolled up {result.hours_rolled} hour(s) and {result.days_rolled} day(s); deleted "
-            f"{result.usage_deleted} usage row(s), {result.decisions_deleted} routing decision(s) and "
+            f"{result.usage_deleted} usage row(s) (with their routing decisions) and "
             f"{result.rollups_deleted} rollup(s) in {result.seconds:.2f} s"
         )
 

@@ -2,8 +2,8 @@
 
 Identity: :class:`Team` ← :class:`User` ← :class:`ApiKey` (a key may belong to a user, a team,
 both or neither). Limits and budgets sit on each level (None: no limit at that level).
-Facts: :class:`UsageRecord` (one per request), :class:`RoutingDecisionRecord` (one per routed
-request), rolled up into :class:`UsageRollup` and :class:`ModelMetric` per hour and day; ops adds
+Facts: :class:`UsageRecord` (one per request, carrying the request's routing decision when it was
+routed), rolled up into :class:`UsageRollup` and :class:`ModelMetric` per hour and day; ops adds
 :class:`ProviderHealthCheck`, :class:`AlertSent` and :class:`JobRun`.
 """
 
@@ -80,7 +80,11 @@ class ApiKey(LimitsMixin, Model):
 
 
 class UsageRecord(Model):
-    """One row per request (success, error, cache hit or client disconnect)."""
+    """One row per request (success, error, cache hit or client disconnect).
+
+    A routed request's row carries its routing decision (``strategy`` … ``outcome``; NULL, and
+    ``fell_back`` false, for a request that was not routed): one insert per request. Migration 0005
+    folded the former ``routing_decisions`` table in."""
 
     id = fields.BigIntField(primary_key=True)
     request_id = fields.CharField(max_length=64, unique=True)
@@ -110,6 +114,15 @@ class UsageRecord(Model):
     client_disconnected = fields.BooleanField(default=False)
     attempts = fields.IntField(default=1)
     metadata: fields.JSONField[Any] = fields.JSONField(default=dict)
+    # the routing decision (all NULL, fell_back false, for a request that was not routed)
+    strategy = fields.CharField(max_length=64, null=True)
+    # the deployment the router ranked first; ``deployment`` is the one that finally answered
+    chosen = fields.CharField(max_length=400, null=True)
+    route_reason = fields.TextField(null=True)
+    candidates: fields.JSONField[Any] = fields.JSONField(null=True)  # [[deployment id, score], ...] best first
+    fallbacks: fields.JSONField[Any] = fields.JSONField(null=True)  # deployments tried after the first
+    fell_back = fields.BooleanField(default=False, db_default=False)  # another deployment was tried
+    outcome = fields.CharField(max_length=64, null=True)  # "success" or the error code / status
 
     class Meta:
         table = "usage_records"
@@ -121,25 +134,6 @@ class UsageRecord(Model):
             ("alias", "created_at"),
             ("provider", "created_at"),
         )
-
-
-class RoutingDecisionRecord(Model):
-    id = fields.BigIntField(primary_key=True)
-    request_id = fields.CharField(max_length=64, unique=True)  # one decision per request: replays are idempotent
-    created_at = fields.DatetimeField(db_index=True)
-    alias = fields.CharField(max_length=200)
-    strategy = fields.CharField(max_length=64)
-    chosen = fields.CharField(max_length=400, null=True)
-    reason = fields.TextField()
-    candidates: fields.JSONField[Any] = fields.JSONField(default=list)  # [[deployment id, score], ...]
-    fallbacks: fields.JSONField[Any] = fields.JSONField(default=list)
-    # another deployment was tried after the chosen one
-    fell_back = fields.BooleanField(default=False, db_default=False)
-    outcome = fields.CharField(max_length=64)
-
-    class Meta:
-        table = "routing_decisions"
-        indexes = (("alias", "created_at"), ("strategy", "created_at"))
 
 
 class UsageRollup(Model):

@@ -22,8 +22,8 @@ than the hourly-rollup retention come back as whole days (only the daily rollups
 
 Indexes used: ``usage_records(created_at)`` and ``(key_id|user_id|team_id|alias|provider,
 created_at)`` for raw ranges and filters; ``usage_rollups(bucket, bucket_start)``;
-``model_metrics(bucket, bucket_start, deployment)``; ``routing_decisions(created_at)`` and
-``(alias|strategy, created_at)``.
+``model_metrics(bucket, bucket_start, deployment)``. Routing statistics read the decision columns of
+the raw usage rows through ``usage_records(created_at)`` and ``(alias, created_at)``.
 """
 
 from __future__ import annotations
@@ -373,17 +373,18 @@ async def routing_stats(
     db: Database, start: dt.datetime, end: dt.datetime, *, alias: str | None = None
 ) -> dict[str, Any]:
     """Routing decisions in [start, end): totals, fallback rate, and counts by strategy and reason,
-    by chosen deployment and by outcome (raw decisions: kept ``raw_days``)."""
+    by chosen deployment and by outcome (the decision columns of raw usage rows: kept ``raw_days``;
+    rows of requests that were not routed have no strategy and are not counted)."""
     params: list[Any] = [timestamp(db, start), timestamp(db, end)]
-    where = "created_at >= ? AND created_at < ?"
+    where = "created_at >= ? AND created_at < ? AND strategy IS NOT NULL"
     if alias is not None:
         where += " AND alias = ?"
         params.append(alias)
     rows = await fetch(
         db,
-        "SELECT strategy, reason, chosen, outcome, COUNT(*) AS n, "  # noqa: S608 - constant text
-        f"SUM(CASE WHEN fell_back THEN 1 ELSE 0 END) AS f FROM routing_decisions WHERE {where} "
-        "GROUP BY strategy, reason, chosen, outcome",
+        "SELECT strategy, route_reason AS reason, chosen, outcome, COUNT(*) AS n, "  # noqa: S608 - constant text
+        f"SUM(CASE WHEN fell_back THEN 1 ELSE 0 END) AS f FROM usage_records WHERE {where} "
+        "GROUP BY strategy, route_reason, chosen, outcome",
         params,
     )  # one scan; the breakdowns are sums of these few groups
     by_reason: dict[tuple[str, str], list[int]] = {}

@@ -7,7 +7,7 @@ Each run, in order:
    ``late_hours`` hours (long streams and rows replayed from the spool land late) and any hour the
    write-behind replayed rows into. Recomputing replaces the bucket, so runs are idempotent.
 2. **Daily rollups** the same way, for complete days (UTC).
-3. **Raw rows** (usage records and routing decisions) older than ``raw_days`` are deleted: their
+3. **Raw rows** (usage records, with their routing decisions) older than ``raw_days`` are deleted: their
    hours and days were rolled up in steps 1 and 2 (rollups always run first, and a raw row can only be
    deleted once its hour is complete and rolled up).
 4. **Hourly rollups** older than ``hourly_days`` are deleted; **daily rollups** are kept forever
@@ -54,8 +54,7 @@ ERROR = "CASE WHEN status >= 400 AND status <> 499 THEN 1 ELSE 0 END"
 class CleanupResult:
     hours_rolled: int = 0
     days_rolled: int = 0
-    usage_deleted: int = 0
-    decisions_deleted: int = 0
+    usage_deleted: int = 0  # raw usage rows, routing decisions included (columns of the same rows)
     rollups_deleted: int = 0
     seconds: float = 0.0
     hour_range: list[int] = field(default_factory=list)
@@ -105,9 +104,6 @@ async def cleanup(
 
     # 3. raw rows past retention
     result.usage_deleted = await execute(db, "DELETE FROM usage_records WHERE hour < ?", [raw_cutoff])
-    result.decisions_deleted = await execute(
-        db, "DELETE FROM routing_decisions WHERE created_at < ?", [timestamp(db, at_hour(raw_cutoff))]
-    )
 
     # 4. rollups past retention
     hourly_cutoff = timestamp(db, at_hour(now_hour - retention.hourly_days * 24))

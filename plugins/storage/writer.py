@@ -1,10 +1,10 @@
-"""Write-behind for usage rows and routing decisions: never awaited on the request path, never lost.
+"""Write-behind for usage rows (each with its routing decision): never awaited on the request path, never lost.
 
 * :meth:`UsageWriter.put` (the ``llmgateway_record_usage`` implementation) appends the record and
   the routing decision to an in-memory deque and returns: no I/O, no await, no conversion.
 * A background task flushes in batches: as soon as ``batch_size`` rows are waiting, or every
-  ``flush_interval`` seconds. A batch is one transaction of two bulk inserts (usage rows, decisions),
-  each ``INSERT … ON CONFLICT DO NOTHING`` on the request id, so writing a batch twice is harmless.
+  ``flush_interval`` seconds. A batch is one bulk ``INSERT … ON CONFLICT DO NOTHING`` on the request
+  id (the routing decision is columns of the usage row), so writing a batch twice is harmless.
 * When a write fails or times out (database down, network cut), the batch is appended to a spool
   file (JSON lines, one row each) in ``spool_dir`` and the writer switches to *down*: every
   interval it pings the database and, once it answers, replays the spool files and resumes.
@@ -57,7 +57,11 @@ UTC = dt.UTC
 
 
 def to_row(record: UsageRecord, decision: RoutingDecision | None) -> Row:
-    """One usage record (and its routing decision) as plain JSON-able data: the spool format."""
+    """One usage record (and its routing decision) as plain JSON-able data: the spool format.
+
+    Spool files outlive versions (a file left by a crash is replayed by the next release): keep this
+    shape, the decision as a ``"decision"`` object (``alias`` included, though the row's own alias is
+    what is stored), or keep reading the old one in :func:`_row_lists`."""
     principal = record.principal
     usage = record.usage
     row: Row = {
@@ -151,14 +155,10 @@ USAGE_COLUMNS = (
     "client_disconnected",
     "attempts",
     "metadata",
-)
-DECISION_COLUMNS = (
-    "request_id",
-    "created_at",
-    "alias",
+    # the routing decision
     "strategy",
     "chosen",
-    "reason",
+    "route_reason",
     "candidates",
     "fallbacks",
     "fell_back",
@@ -259,21 +259,34 @@ def _sqlite_time(started: float) -> str:
 _ENCODINGS: dict[bool, _Encoding] = {}
 
 
-def _row_lists(rows: list[Row], sqlite: bool) -> tuple[list[list[Any]], list[list[Any]]]:
-    """The usage and decision rows as column lists (``USAGE_COLUMNS``, ``DECISION_COLUMNS``)."""
+def _row_lists(rows: list[Row], sqlite: bool) -> list[list[Any]]:
+    """The usage rows, each with its routing decision, as column lists (``USAGE_COLUMNS``)."""
     enc = _ENCODINGS.get(sqlite)
     if enc is None:
         enc = _ENCODINGS[sqlite] = _Encoding(sqlite)
     flag, json, money, time_of = enc.flag, enc.json, enc.money, enc.time
+    no_decision = (None, None, None, None, None, flag(False), None)
     usage: list[list[Any]] = []
-    decisions: list[list[Any]] = []
     for row in rows:
         started = float(row["started_at"])
-        created = time_of(started)
+        decision = row.get("decision")
+        if decision:
+            fallbacks = decision.get("fallbacks") or []
+            routed: tuple[Any, ...] = (
+                _text(decision["strategy"], 64),
+                _text(decision["chosen"], 400),
+                decision["reason"],
+                json(decision["candidates"]),
+                json(fallbacks),
+                flag(bool(fallbacks)),
+                _text(decision["outcome"], 64),
+            )
+        else:
+            routed = no_decision
         usage.append(
             [
                 row["request_id"],
-                created,
+                time_of(started),
                 int(started // 3600),
                 _text(row["endpoint"], 32),
                 _text(row["key_id"], 64),
@@ -299,52 +312,33 @@ def _row_lists(rows: list[Row], sqlite: bool) -> tuple[list[list[Any]], list[lis
                 flag(row["client_disconnected"]),
                 _count(row["attempts"]),
                 json(row.get("metadata") or {}),
+                *routed,
             ]
         )
-        decision = row.get("decision")
-        if decision:
-            fallbacks = decision.get("fallbacks") or []
-            decisions.append(
-                [
-                    row["request_id"],
-                    created,
-                    _text(decision["alias"], 200),
-                    _text(decision["strategy"], 64),
-                    _text(decision["chosen"], 400),
-                    decision["reason"],
-                    json(decision["candidates"]),
-                    json(fallbacks),
-                    flag(bool(fallbacks)),
-                    _text(decision["outcome"], 64),
-                ]
-            )
-    return usage, decisions
+    return usage
 
 
 async def insert_rows(db: Database, rows: list[Row]) -> None:
-    """Insert usage rows and their decisions in one transaction; rows already present are skipped.
+    """Insert usage rows (each with its decision) in one bulk insert; rows already present are skipped.
 
     Rows go straight from the spool format to ``executemany`` (no model instances: several times
     faster), through Tortoise's statement builder; on PostgreSQL through its field conversions, on
     SQLite as the values those conversions would store (:class:`_Encoding`)."""
     from tortoise.transactions import in_transaction
 
-    from .models import RoutingDecisionRecord, UsageRecord
+    from .models import UsageRecord
 
     sqlite = db.dialect == "sqlite"
-    usage, decisions = _row_lists(rows, sqlite)
+    usage = _row_lists(rows, sqlite)
 
     async def write() -> None:
         with db.activate():
             if sqlite:
-                await _write_sqlite(db.connection, usage, decisions)
+                await _write_sqlite(db.connection, usage)
                 return
             async with in_transaction() as conn:
                 sql, fields = _statement(conn, UsageRecord, USAGE_COLUMNS)
                 await conn.execute_many(sql, [_values(fields, UsageRecord, v) for v in usage])
-                if decisions:
-                    sql, fields = _statement(conn, RoutingDecisionRecord, DECISION_COLUMNS)
-                    await conn.execute_many(sql, [_values(fields, RoutingDecisionRecord, v) for v in decisions])
 
     # A task of its own: when the connection dies mid-transaction, Tortoise can leave the failed
     # transaction as "the connection" in the context of the task that ran it; that must not be the
@@ -375,25 +369,22 @@ def _insert_many(conn: Any, sql: str, rows: list[list[Any]]) -> None:
         start += size
 
 
-async def _write_sqlite(client: Any, usage: list[list[Any]], decisions: list[list[Any]]) -> None:
-    """The whole batch (BEGIN, both inserts, COMMIT) as one call into the SQLite thread, each insert
-    a few multi-row statements (:func:`_insert_many`).
+async def _write_sqlite(client: Any, usage: list[list[Any]]) -> None:
+    """The whole batch (BEGIN, the insert, COMMIT) as one call into the SQLite thread, the insert a
+    few multi-row statements (:func:`_insert_many`).
 
     Through Tortoise a transaction was six awaited calls into aiosqlite's thread and one GIL
     hand-over per row; with the event loop busy 20 ms per iteration (requests) the writer managed
     ~300-1,500 rows/s and fell behind at ~1,100 requests/s; as one call, ~3,600 rows/s. Tortoise's
     connection lock is held meanwhile, so no other query runs inside the transaction."""
-    from .models import RoutingDecisionRecord, UsageRecord
+    from .models import UsageRecord
 
     usage_sql, _ = _statement(client, UsageRecord, USAGE_COLUMNS)
-    decision_sql, _ = _statement(client, RoutingDecisionRecord, DECISION_COLUMNS)
 
     def run(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN")
         try:
             _insert_many(conn, usage_sql, usage)
-            if decisions:
-                _insert_many(conn, decision_sql, decisions)
         except BaseException:
             conn.rollback()
             raise
