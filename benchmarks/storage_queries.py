@@ -4,8 +4,8 @@
 
 Creates a throwaway database next to the one in ``--postgres`` (default: the ``test`` database on
 127.0.0.1), migrates it with the shipped migrations, generates the rows with one
-``INSERT … SELECT generate_series`` (usage rows and their routing decisions: 8 models, 4 providers,
-50 teams, 500 users, 1,000 keys, spread evenly over ``--days``), then:
+``INSERT … SELECT generate_series`` (usage rows, each with a routing decision in its decision columns:
+8 models, 4 providers, 50 teams, 500 users, 1,000 keys, spread evenly over ``--days``), then:
 
 1. times each dashboard query on raw rows only (no rollups yet),
 2. runs the retention job once (hourly and daily rollups of every complete hour and day), timed,
@@ -38,7 +38,7 @@ GENERATE_USAGE = """
 INSERT INTO usage_records (request_id, created_at, hour, endpoint, key_id, user_id, team_id, alias, provider,
     deployment, upstream_model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, usage_estimated,
     cost, saved_cost, latency_ms, ttft_ms, status, error_code, cache_hit, streamed, client_disconnected, attempts,
-    metadata)
+    metadata, strategy, chosen, route_reason, candidates, fallbacks, fell_back, outcome)
 SELECT 'req_bench_' || g,
        t,
        FLOOR(EXTRACT(EPOCH FROM t) / 3600)::int,
@@ -49,19 +49,14 @@ SELECT 'req_bench_' || g,
        ((100 + (g % 900)) * 2.5 + (20 + (g % 400)) * 10.0) / 1000000.0, NULL,
        50 + (g % 2000), CASE WHEN g % 3 = 0 THEN 20 + (g % 300) END,
        CASE WHEN g % 50 = 0 THEN 500 WHEN g % 97 = 0 THEN 499 ELSE 200 END, NULL,
-       g % 20 = 0, g % 3 = 0, g % 97 = 0, 1, '{}'::jsonb
+       g % 20 = 0, g % 3 = 0, g % 97 = 0, 1, '{}'::jsonb,
+       CASE WHEN g % 2 = 0 THEN 'latency' ELSE 'ordered' END,
+       'model-' || (g % 8) || '/provider-' || (g % 4) || '/m#0',
+       CASE WHEN g % 2 = 0 THEN 'lowest p50 latency' ELSE 'config order' END, '[]'::jsonb,
+       CASE WHEN g % 25 = 0 THEN '["x"]'::jsonb ELSE '[]'::jsonb END, g % 25 = 0,
+       CASE WHEN g % 50 = 0 THEN '500' WHEN g % 97 = 0 THEN '499' ELSE 'success' END
 FROM (SELECT g, $1::timestamptz + (g * $2::float8) * interval '1 second' AS t
       FROM generate_series(0, $3::int - 1) AS g) AS s
-"""
-
-GENERATE_DECISIONS = """
-INSERT INTO routing_decisions (request_id, created_at, alias, strategy, chosen, reason, candidates, fallbacks,
-    fell_back, outcome)
-SELECT request_id, created_at, alias, CASE WHEN id % 2 = 0 THEN 'latency' ELSE 'ordered' END, deployment,
-       CASE WHEN id % 2 = 0 THEN 'lowest p50 latency' ELSE 'config order' END, '[]'::jsonb,
-       CASE WHEN id % 25 = 0 THEN '["x"]'::jsonb ELSE '[]'::jsonb END, id % 25 = 0,
-       CASE WHEN status = 200 THEN 'success' ELSE status::text END
-FROM usage_records
 """
 
 
@@ -117,10 +112,9 @@ async def main() -> None:
         step = args.days * 86400 / args.rows
         t0 = time.perf_counter()
         await execute(db, GENERATE_USAGE, [start, step, args.rows])
-        await execute(db, GENERATE_DECISIONS)
         await execute(db, "ANALYZE")
         print(
-            f"generated {args.rows:,} usage rows + decisions over {args.days:g} days in {time.perf_counter() - t0:.1f} s"
+            f"generated {args.rows:,} usage rows (with routing decisions) over {args.days:g} days in {time.perf_counter() - t0:.1f} s"
         )
 
         print("\nraw rows only (before any rollup):")

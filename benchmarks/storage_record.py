@@ -6,9 +6,9 @@
    ``gateway.hooks.record_usage(ctx, record)`` — exactly what the pipeline awaits once per request,
    every ``llmgateway_record_usage`` implementation included — is timed per call, with the storage
    plugin's flusher running (so the queue is drained as in production). Target (issue 4): ≤ 20 µs.
-2. **Background**: rows per second the flusher writes (bulk inserts of ``batch_size`` rows, usage +
-   routing decision in one transaction) to SQLite and, with ``--postgres``, to a throwaway
-   PostgreSQL database created next to the one in the URL.
+2. **Background**: rows per second the flusher writes (bulk inserts of ``batch_size`` usage rows, each
+   carrying its routing decision, one transaction per batch) to SQLite and, with ``--postgres``, to a
+   throwaway PostgreSQL database created next to the one in the URL.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ async def main() -> None:
             f"{result['rows_written']} rows written)"
         )
         sqlite_rate = await drain(f"sqlite://{Path(tmp) / 'drain.db'}", args.rows)
-        print(f"flusher to SQLite: {sqlite_rate:,.0f} rows/s (batches of 500, usage + decision)")
+        print(f"flusher to SQLite: {sqlite_rate:,.0f} rows/s (batches of 500, usage rows with their decision)")
     if args.postgres:
         import asyncpg
 
@@ -165,7 +165,7 @@ async def main() -> None:
         try:
             base = args.postgres.rsplit("/", 1)[0]
             pg_rate = await drain(f"{base}/{name}", args.rows)
-            print(f"flusher to PostgreSQL: {pg_rate:,.0f} rows/s (batches of 500, usage + decision)")
+            print(f"flusher to PostgreSQL: {pg_rate:,.0f} rows/s (batches of 500, usage rows with their decision)")
         finally:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await admin.close()
