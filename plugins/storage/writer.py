@@ -380,6 +380,10 @@ async def _write_sqlite(client: Any, usage: list[list[Any]]) -> None:
     from .models import UsageRecord
 
     usage_sql, _ = _statement(client, UsageRecord, USAGE_COLUMNS)
+    # sqlite3 binds None through its adapter protocol: no adapter registered for it, it looks for
+    # __adapt__ / __conform__ and clears the AttributeErrors, ~0.6 µs per NULL (a row without a routing
+    # decision has eight). An adapter returning None (a C call) binds the same NULL; idempotent.
+    sqlite3.register_adapter(type(None), _NULL)
 
     def run(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN")
@@ -392,6 +396,9 @@ async def _write_sqlite(client: Any, usage: list[list[Any]]) -> None:
 
     async with client.acquire_connection() as connection:
         await connection._execute(run, connection._conn)
+
+
+_NULL: Callable[[Any], Any] = {}.get  # None -> None, without a Python frame
 
 
 def _transport_trouble(exc: BaseException) -> bool:
