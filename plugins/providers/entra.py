@@ -83,7 +83,7 @@ class EntraToken:
             return token
         if self._fetching is None:
             if self._failure is not None and now - self._failed_at < self.RETRY_AFTER_FAILURE:
-                raise self._failure
+                raise self._failure.with_traceback(None)  # not a traceback growing with every raise
             self._start()
         assert self._fetching is not None
         await asyncio.shield(self._fetching)  # a caller that gives up leaves the fetch to the others
