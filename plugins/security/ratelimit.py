@@ -243,6 +243,10 @@ end
 ADMIT_LUA = (
     _SCRIPT_COMMON
     + """
+-- the tokens a log entry ("{request id}|{tokens}") holds
+local function tokens_of(entry)
+  return tonumber(string.match(entry, '|(%d+)$')) or 0
+end
 -- the log's entries older than the window leave it, their tokens leave the total. Returns the oldest
 -- entry's time, or nil when no entry is left. One call when there is nothing to drop.
 local function purge(log, now, window)
@@ -253,7 +257,7 @@ local function purge(log, now, window)
     if oldest > now - window then return oldest end
     local old = redis.call('ZRANGEBYSCORE', log, '(0', now - window, 'LIMIT', 0, 500)
     local sum = 0
-    for j = 1, #old do sum = sum + (tonumber(string.match(old[j], '|(%d+)$')) or 0) end
+    for j = 1, #old do sum = sum + tokens_of(old[j]) end
     if sum ~= 0 then redis.call('ZINCRBY', log, sum, '_t') end
     redis.call('ZREM', log, unpack(old))
   end
@@ -301,7 +305,7 @@ for i = 1, n do
           local e = redis.call('ZRANGEBYSCORE', log, '(0', '+inf', 'WITHSCORES', 'LIMIT', start, 100)
           if #e == 0 then break end
           for j = 1, #e, 2 do
-            freed = freed + (tonumber(string.match(e[j], '|(%d+)$')) or 0)
+            freed = freed + tokens_of(e[j])
             if freed >= need then
               wait = tonumber(e[j + 1]) + window - now
               found = true

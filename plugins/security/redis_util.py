@@ -82,18 +82,21 @@ def make_redis(url: str, *, timeout: float, max_connections: int = 256) -> Any:
 _INCOMPLETE = object()
 
 
-def bulk(value: bytes | str | int) -> bytes:
-    """One command argument as RESP2 writes it (a bulk string). Callers that send the same arguments
-    again and again (a scope's name and rule) keep the encoded form."""
-    data = value if isinstance(value, bytes) else value.encode() if isinstance(value, str) else b"%d" % value
+def bulk(value: Any) -> bytes:
+    """One command argument as RESP2 writes it (a bulk string): bytes as they are, text as UTF-8,
+    integers in decimal, anything else as its ``str()``. Callers that send the same arguments again
+    and again (a scope's name and rule) keep the encoded form."""
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, int):
+        data = b"%d" % value
+    else:
+        data = (value if isinstance(value, str) else str(value)).encode()
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def encode_command(args: tuple[Any, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        out.append(bulk(arg if isinstance(arg, bytes | str | int) else str(arg)))
-    return b"".join(out)
+    return b"".join([b"*%d\r\n" % len(args), *map(bulk, args)])
 
 
 def parse_reply(buf: bytearray, pos: int) -> tuple[Any, int]:
@@ -295,7 +298,6 @@ class ScriptClient:
         self.pure_python = pure_python
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
-        self._known: set[str] = set()
 
     async def _connection(self) -> _Connection:
         """The open connection, else the one connection attempt every caller shares."""
@@ -369,13 +371,7 @@ class Script:
         self._eval = bulk("EVAL") + bulk(source)
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        encoded = b"".join(
-            [
-                bulk(len(keys)),
-                *map(bulk, keys),
-                *(bulk(a if isinstance(a, bytes | str | int) else str(a)) for a in args),
-            ]
-        )
+        encoded = b"".join([bulk(len(keys)), *map(bulk, keys), *map(bulk, args)])
         return await self.encoded(len(keys) + len(args), encoded)
 
     async def encoded(self, count: int, arguments: bytes) -> Any:
