@@ -37,11 +37,10 @@ Azure speaks the OpenAI format with a few additions, handled here:
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -152,6 +151,7 @@ class AzureOpenAIProvider(OpenAIProvider):
                 scope=str(self.option("azure_scope") or DEFAULT_SCOPE),
                 secrets=self.secrets,
             )
+            self.refreshes_auth = True
         elif token:
             headers["authorization"] = f"Bearer {token}"
         elif config.api_key:
@@ -161,7 +161,7 @@ class AzureOpenAIProvider(OpenAIProvider):
 
     # ---- a service principal's token ---------------------------------------------------------
 
-    async def _authorize(self) -> None:
+    async def refresh_auth(self) -> None:
         """Send the current Entra ID token (renewed by :class:`EntraToken`) from now on."""
         assert self.entra is not None
         token = await self.entra.get()
@@ -169,27 +169,6 @@ class AzureOpenAIProvider(OpenAIProvider):
             self._token = token
             self.headers = {**self.headers, "authorization": f"Bearer {token}"}  # a new dict: no torn reads
             self.secrets = self.entra.secrets
-
-    async def _post_json(self, path: str, call: UpstreamCall) -> dict[str, Any]:
-        if self.entra is not None:
-            await self._authorize()
-        return await super()._post_json(path, call)
-
-    def chat_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
-        if self.entra is not None:
-            return self._authorized_stream("/chat/completions", call)
-        return super().chat_stream(call)
-
-    def completions_stream(self, call: UpstreamCall) -> AsyncIterator[bytes]:
-        if self.entra is not None:
-            return self._authorized_stream("/completions", call)
-        return super().completions_stream(call)
-
-    async def _authorized_stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
-        await self._authorize()
-        async with contextlib.aclosing(cast(AsyncGenerator[bytes, None], self._stream(path, call))) as frames:
-            async for frame in frames:
-                yield frame
 
     async def aclose(self) -> None:
         if self.entra is not None:

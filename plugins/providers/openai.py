@@ -79,8 +79,18 @@ class OpenAIProvider(Provider):
     def request_headers(self, call: UpstreamCall) -> Mapping[str, str]:
         return self.headers
 
+    #: whether :meth:`refresh_auth` must run before each upstream request (credentials that expire)
+    refreshes_auth = False
+
+    async def refresh_auth(self) -> None:
+        """Renew expiring credentials before an upstream request (only when ``refreshes_auth``); what
+        :meth:`request_headers` returns afterwards carries them. The ``azure`` provider's service
+        principal tokens renew here."""
+
     async def _post_json(self, path: str, call: UpstreamCall) -> dict[str, Any]:
         self.check_params(call)
+        if self.refreshes_auth:
+            await self.refresh_auth()
         with map_upstream_errors(self.name, self.secrets):
             response = await post_bytes(
                 self.http,
@@ -157,6 +167,8 @@ class OpenAIProvider(Provider):
 
     async def _stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
         body = self.stream_body(call)
+        if self.refreshes_auth:
+            await self.refresh_auth()
         async with (
             self.streaming(
                 call,
