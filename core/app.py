@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import secrets as _secrets
@@ -163,6 +164,25 @@ def build_gateway(
     return gateway
 
 
+def tune_gc(threshold: int) -> None:
+    """The garbage collector of a serving process (``[server] gc_threshold``; 0 leaves it alone).
+
+    Measured under load (32 connections, one worker): with Python's defaults the collector took
+    ~33 µs of CPU per request, ~6 % of the whole: every 700 net allocations a young collection walked
+    the objects of the requests in flight (~0.3 ms each), and full collections walked the ~70,000
+    objects of the imported code and the app (~40 ms each, a p99 spike each time). So, once startup
+    is done: collect, then freeze what is alive (modules, the app, plugins: alive until exit anyway)
+    out of every later collection, and collect the young generation after ``threshold`` net
+    allocations instead of 700 — requests make almost no reference cycles, so collections become
+    rare. The garbage that waits meanwhile is bounded by the threshold (objects in cycles)."""
+    if threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(threshold, middle, old)
+
+
 def create_app(
     config: GatewayConfig | str | os.PathLike[str] | None = None,
     *,
@@ -179,6 +199,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.hooks.startup(gateway)
+        if gateway.serving:
+            tune_gc(config.server.gc_threshold)
         try:
             yield
         finally:

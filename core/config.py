@@ -171,6 +171,7 @@ class ServerConfig:
     drain_timeout: float = 30.0
     expose_routing_header: bool = False
     public_models: bool = True  # /v1/models readable without a key
+    gc_threshold: int = 10_000  # see core/server.py tune_gc (0: Python's own garbage collector settings)
 
 
 @dataclass(slots=True)
@@ -280,6 +281,7 @@ def _build(raw: dict[str, Any], file: str) -> GatewayConfig:
         drain_timeout=s.number("drain_timeout", 30.0, minimum=0),
         expose_routing_header=s.boolean("expose_routing_header", False),
         public_models=s.boolean("public_models", True),
+        gc_threshold=s.integer("gc_threshold", 10_000, minimum=0),
     )
     s.check_unknown()
 

@@ -18,6 +18,7 @@ from llmgateway.core.errors import ConfigError
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.types import RequestContext
 from tests.conftest import GatewayFactory
+from tests.servers import running
 
 DEMO = """
 [providers.demo]
@@ -257,3 +258,30 @@ def test_cli_serve_refuses_bad_config_before_binding(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(bad))
     assert result.returncode == 2
     assert "key 'server.workers': must be at least 1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("serving", "setting", "tuned"), [(True, 12345, True), (True, 0, False), (False, 12345, False)]
+)
+async def test_a_serving_process_tunes_the_garbage_collector(serving: bool, setting: int, tuned: bool) -> None:
+    """``[server] gc_threshold``: after startup a serving process freezes what is alive and collects
+    young objects less often; 0 leaves Python's settings, and an app that is not served (tests, an
+    embedding application) never touches the process's collector."""
+    import gc
+
+    from llmgateway.core.app import create_app, gateway_of
+
+    config = parse_config(f"[server]\ngc_threshold = {setting}\n[plugins]\ndisabled = ['storage']\n{DEMO}")
+    app = create_app(config)
+    gateway_of(app).serving = serving
+    before = gc.get_threshold()
+    gc.unfreeze()
+    try:
+        async with running(app):  # listening once startup is done
+            assert (gc.get_threshold()[0] == 12345) is tuned
+            assert (gc.get_freeze_count() > 0) is tuned
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    with pytest.raises(ConfigError, match="gc_threshold"):
+        parse_config("[server]\ngc_threshold = -1")
