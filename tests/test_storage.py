@@ -84,12 +84,17 @@ def llmgateway(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
 # ---- fresh install -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("process", [True, False])
 async def test_fresh_install_creates_the_sqlite_schema_and_fills_the_usage_table(
-    serve_gateway: GatewayFactory, tmp_path: Path
+    serve_gateway: GatewayFactory, tmp_path: Path, process: bool
 ) -> None:
-    """No [database] section at all: the default SQLite file appears next to gateway.toml, migrated,
-    and every request (plain and streamed) leaves exactly one usage row and one routing decision."""
-    async with serve_gateway(DEMO) as url:
+    """No database URL: the default SQLite file appears next to gateway.toml, migrated, and every
+    request (plain and streamed) leaves exactly one usage row and one routing decision — written by
+    the writer process, or with ``process = false`` on the server's SQLite thread."""
+    toml = f"{DEMO}\n[database.write_behind]\nprocess = {str(process).lower()}\n"
+    async with serve_gateway(toml) as url:
+        writer = serve_gateway.gateway.state["storage"].writer  # type: ignore[attr-defined]
+        assert (writer.sqlite_process is not None) is process
         async with sdk(url) as client:
             plain = await client.chat.completions.with_raw_response.create(
                 model="demo", messages=[{"role": "user", "content": "one two three"}]
@@ -654,7 +659,8 @@ def test_sqlite_rows_carry_exactly_what_tortoise_and_sqlite3_would_store() -> No
     import tortoise.backends.sqlite.executor  # noqa: F401  # registers the adapters Tortoise uses on SQLite
 
     from llmgateway.plugins.storage.models import UsageRecord
-    from llmgateway.plugins.storage.writer import USAGE_COLUMNS, _row_lists, _values, to_row
+    from llmgateway.plugins.storage.rows import USAGE_COLUMNS, row_lists
+    from llmgateway.plugins.storage.writer import _values, to_row
 
     rng = random.Random(7)
     stamps = [1_700_000_000.0, 1_700_000_000.9999996, 1_700_000_000.0000005, 1_700_000_000.0000015, 0.25]
@@ -684,8 +690,8 @@ def test_sqlite_rows_carry_exactly_what_tortoise_and_sqlite3_would_store() -> No
         adapted = sqlite3.adapt(value, sqlite3.PrepareProtocol, value)  # what sqlite3 binds
         return int(adapted) if isinstance(adapted, bool) else adapted
 
-    fast = _row_lists(rows, sqlite=True)
-    slow = _row_lists(rows, sqlite=False)
+    fast = row_lists(rows, sqlite=True)
+    slow = row_lists(rows, sqlite=False)
     fields = [UsageRecord._meta.fields_map[c] for c in USAGE_COLUMNS]
     assert len(fast) == len(slow) == len(rows)
     strategy = USAGE_COLUMNS.index("strategy")

@@ -1,6 +1,6 @@
 """No usage row is lost: a database outage in the middle of the load (a TCP proxy we cut and
-restore between the gateway and PostgreSQL), and SIGTERM while requests are in flight (a real
-``llmgateway serve`` process)."""
+restore between the gateway and PostgreSQL), the SQLite writer process killed and the SQLite file
+locked, and SIGTERM while requests are in flight (a real ``llmgateway serve`` process)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,65 @@ async def test_database_outage_mid_load_loses_no_row(serve_gateway: GatewayFacto
         decisions = [d["request_id"] for d in await decision_rows(pg_url)]
         assert sorted(decisions) == sorted(ids)
         assert not any(p.name.endswith(".jsonl") for p in (tmp_path / "spool").iterdir())
+
+
+async def test_sqlite_writer_process_killed_or_database_locked_loses_no_row(
+    serve_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A SQLite file's usage rows are written by a process of its own: killed in the middle of the
+    load, it is replaced; while another process holds the database locked, rows wait in the spool.
+    Every answered request has its row, exactly once."""
+    import sqlite3
+
+    path = tmp_path / "gateway.db"
+    toml = textwrap.dedent(
+        f"""
+        [database]
+        url = "sqlite://{path}"
+        timeout = 1.0
+
+        [database.write_behind]
+        batch_size = 10
+        flush_interval = 0.05
+        spool_dir = "{tmp_path / "spool"}"
+        """
+    )
+    done: list[tuple[str, int]] = []
+    async with serve_gateway(toml + DEMO) as url:
+        writer = serve_gateway.gateway.state["storage"].writer  # type: ignore[attr-defined]
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def worker(start: int, count: int) -> None:
+                for i in range(start, start + count):
+                    done.append(await call(http, i))
+
+            load = [asyncio.create_task(worker(w * 1000, 50)) for w in range(4)]
+            await wait_for(lambda: writer.stats.written >= 20)
+            first = writer.sqlite_process.process
+            assert first is not None
+            assert first.pid != os.getpid()
+            os.kill(first.pid, signal.SIGKILL)
+            await wait_for(lambda: writer.stats.failures >= 1 and writer.down_since is None and len(done) >= 80)
+            second = writer.sqlite_process.process
+            assert second is not None
+            assert second.pid != first.pid
+
+            locker = sqlite3.connect(path, isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")  # another process writing for a long while
+            failures = writer.stats.failures
+            await wait_for(lambda: writer.stats.failures > failures)
+            locker.rollback()
+            locker.close()
+            await asyncio.gather(*load)
+            await wait_for(lambda: writer.down_since is None and not writer.queue)
+    assert len(done) == 200
+    assert all(status == 200 for _, status in done)
+    assert writer.stats.spooled > 0
+    assert writer.sqlite_process.process is None  # stopped with the gateway
+    assert second.returncode == 0  # ended by the end of its input, not killed
+    ids = [r["request_id"] for r in await usage_rows(f"sqlite://{path}")]
+    assert sorted(ids) == sorted(request_id for request_id, _ in done)
+    assert not any(p.name.endswith(".jsonl") for p in (tmp_path / "spool").iterdir())
 
 
 def test_sigterm_under_load_loses_no_row(tmp_path: Path) -> None:

@@ -94,6 +94,7 @@ class StoragePlugin:
             queue_size=wb.queue_size,
             spool_dir=wb.spool_dir,
             timeout=settings.timeout,
+            sqlite_process=wb.process,
         )
 
     @hookimpl

@@ -5,6 +5,8 @@
 * A background task flushes in batches: as soon as ``batch_size`` rows are waiting, or every
   ``flush_interval`` seconds. A batch is one bulk ``INSERT … ON CONFLICT DO NOTHING`` on the request
   id (the routing decision is columns of the usage row), so writing a batch twice is harmless.
+  A SQLite file is written by :class:`SqliteProcess` (a process of its own: sqlite3 would hold this
+  process's GIL while it binds each batch); PostgreSQL by asyncpg in this event loop.
 * When a write fails or times out (database down, network cut), the batch is appended to a spool
   file (JSON lines, one row each) in ``spool_dir`` and the writer switches to *down*: every
   interval it pings the database and, once it answers, replays the spool files and resumes.
@@ -33,14 +35,13 @@ import collections
 import contextlib
 import datetime as dt
 import logging
-import math
 import os
 import secrets
 import sqlite3
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,12 @@ import orjson
 
 from llmgateway.core.types import RoutingDecision, UsageRecord
 
+from . import rows as _rows
 from .database import Database
+from .rows import NULL, USAGE_COLUMNS, Row, row_lists
 
 log = logging.getLogger("llmgateway.storage")
 
-Row = dict[str, Any]
 UTC = dt.UTC
 
 
@@ -61,7 +63,7 @@ def to_row(record: UsageRecord, decision: RoutingDecision | None) -> Row:
 
     Spool files outlive versions (a file left by a crash is replayed by the next release): keep this
     shape, the decision as a ``"decision"`` object (``alias`` included, though the row's own alias is
-    what is stored), or keep reading the old one in :func:`_row_lists`."""
+    what is stored), or keep reading the old one in :func:`.rows.row_lists`."""
     principal = record.principal
     usage = record.usage
     row: Row = {
@@ -105,65 +107,6 @@ def to_row(record: UsageRecord, decision: RoutingDecision | None) -> Row:
     return row
 
 
-_MAX_COST = 999_999.99999999  # DecimalField(max_digits=14, decimal_places=8)
-_MAX_INT = 2**31 - 1  # IntField: 32 bits on PostgreSQL
-
-
-def _decimal(value: float | None) -> Any:
-    if value is None:
-        return None
-    return Decimal(repr(round(min(max(float(value), -_MAX_COST), _MAX_COST), 8)))
-
-
-def _text(value: str | None, size: int) -> str | None:
-    """A string cut to its column's width. Some values come from outside (the upstream's model name,
-    its error code, a JWT's user or team claim): one too long must not fail the batch it is in (on
-    PostgreSQL), which would then fail again at every replay."""
-    return value if value is None or len(value) <= size else value[:size]
-
-
-def _count(value: int) -> int:
-    """A count that fits its 32-bit column (an upstream's usage numbers are not to be trusted)."""
-    return value if 0 <= value <= _MAX_INT else min(max(int(value), 0), _MAX_INT)
-
-
-USAGE_COLUMNS = (
-    "request_id",
-    "created_at",
-    "hour",
-    "endpoint",
-    "key_id",
-    "user_id",
-    "team_id",
-    "alias",
-    "provider",
-    "deployment",
-    "upstream_model",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "usage_estimated",
-    "cost",
-    "saved_cost",
-    "latency_ms",
-    "ttft_ms",
-    "status",
-    "error_code",
-    "cache_hit",
-    "streamed",
-    "client_disconnected",
-    "attempts",
-    "metadata",
-    # the routing decision
-    "strategy",
-    "chosen",
-    "route_reason",
-    "candidates",
-    "fallbacks",
-    "fell_back",
-    "outcome",
-)
 _STATEMENTS: dict[tuple[str, str], tuple[str, list[Any]]] = {}
 
 
@@ -203,133 +146,19 @@ def _values(fields: list[Any], model: Any, values: list[Any]) -> list[Any]:
     ]
 
 
-class _Encoding:
-    """How the row lists carry the values that are not plain strings and numbers: as the Python
-    objects Tortoise's fields take (PostgreSQL, through ``to_db_value``), or as what SQLite stores.
-
-    The SQLite encoding is what Tortoise's field conversions and the sqlite3 adapters it registers
-    produce (``isoformat(" ")`` of the UTC datetime, ``str`` of the decimal, the JSON field's encoder,
-    0/1 for a boolean) — tests compare the two paths — without their per-value dispatch: through
-    ``to_db_value`` and sqlite3's adapter registry the conversions cost ~40 µs per row, more than SQLite
-    spends inserting it."""
-
-    def __init__(self, sqlite: bool) -> None:
-        from .models import UsageRecord
-
-        encoder = UsageRecord._meta.fields_map["metadata"].encoder  # type: ignore[attr-defined]
-        self.flag: Callable[[Any], Any] = int if sqlite else bool
-        self.json: Callable[[Any], Any] = encoder if sqlite else _same
-        self.money: Callable[[float | None], Any] = _decimal_text if sqlite else _decimal
-        self.time: Callable[[float], Any] = _sqlite_time if sqlite else _utc
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _utc(started: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(started, UTC)
-
-
-def _decimal_text(value: float | None) -> str | None:
-    return None if value is None else str(_decimal(value))
-
-
-_SECONDS: dict[int, str] = {}
-
-
-def _sqlite_time(started: float) -> str:
-    """``datetime.fromtimestamp(started, UTC).isoformat(" ")`` for a timestamp ≥ 0, about five times
-    faster: microseconds rounded like ``fromtimestamp`` (half to even, carried into the second), the
-    formatted second reused across the rows of a batch."""
-    fraction, whole = math.modf(started)
-    micro = round(fraction * 1e6)
-    second = int(whole)
-    if micro >= 1_000_000:
-        second += 1
-        micro -= 1_000_000
-    prefix = _SECONDS.get(second)
-    if prefix is None:
-        if len(_SECONDS) > 4096:
-            _SECONDS.clear()
-        prefix = _SECONDS[second] = dt.datetime.fromtimestamp(second, UTC).replace(tzinfo=None).isoformat(" ")
-    return f"{prefix}.{micro:06d}+00:00" if micro else f"{prefix}+00:00"
-
-
-_ENCODINGS: dict[bool, _Encoding] = {}
-
-
-def _row_lists(rows: list[Row], sqlite: bool) -> list[list[Any]]:
-    """The usage rows, each with its routing decision, as column lists (``USAGE_COLUMNS``)."""
-    enc = _ENCODINGS.get(sqlite)
-    if enc is None:
-        enc = _ENCODINGS[sqlite] = _Encoding(sqlite)
-    flag, json, money, time_of = enc.flag, enc.json, enc.money, enc.time
-    no_decision = (None, None, None, None, None, flag(False), None)
-    usage: list[list[Any]] = []
-    for row in rows:
-        started = float(row["started_at"])
-        decision = row.get("decision")
-        if decision:
-            fallbacks = decision.get("fallbacks") or []
-            routed: tuple[Any, ...] = (
-                _text(decision["strategy"], 64),
-                _text(decision["chosen"], 400),
-                decision["reason"],
-                json(decision["candidates"]),
-                json(fallbacks),
-                flag(bool(fallbacks)),
-                _text(decision["outcome"], 64),
-            )
-        else:
-            routed = no_decision
-        usage.append(
-            [
-                row["request_id"],
-                time_of(started),
-                int(started // 3600),
-                _text(row["endpoint"], 32),
-                _text(row["key_id"], 64),
-                _text(row["user_id"], 64),
-                _text(row["team_id"], 64),
-                _text(row["alias"], 200),
-                _text(row["provider"], 200),
-                _text(row["deployment"], 400),
-                _text(row["upstream_model"], 200),
-                _count(row["prompt_tokens"]),
-                _count(row["completion_tokens"]),
-                _count(row["cached_tokens"]),
-                _count(row["reasoning_tokens"]),
-                flag(row["usage_estimated"]),
-                money(row["cost"]),
-                money(row["saved_cost"]),
-                row["latency_ms"],
-                row["ttft_ms"],
-                row["status"],
-                _text(row["error_code"], 64),
-                flag(row["cache_hit"]),
-                flag(row["streamed"]),
-                flag(row["client_disconnected"]),
-                _count(row["attempts"]),
-                json(row.get("metadata") or {}),
-                *routed,
-            ]
-        )
-    return usage
-
-
 async def insert_rows(db: Database, rows: list[Row]) -> None:
     """Insert usage rows (each with its decision) in one bulk insert; rows already present are skipped.
 
     Rows go straight from the spool format to ``executemany`` (no model instances: several times
     faster), through Tortoise's statement builder; on PostgreSQL through its field conversions, on
-    SQLite as the values those conversions would store (:class:`_Encoding`)."""
+    SQLite as the values those conversions would store (:mod:`.rows`). In this process: the
+    writer sends a SQLite file's rows to :class:`SqliteProcess` instead."""
     from tortoise.transactions import in_transaction
 
     from .models import UsageRecord
 
     sqlite = db.dialect == "sqlite"
-    usage = _row_lists(rows, sqlite)
+    usage = row_lists(rows, sqlite)
 
     async def write() -> None:
         with db.activate():
@@ -346,32 +175,9 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
     await asyncio.create_task(write())
 
 
-def _insert_many(conn: Any, sql: str, rows: list[list[Any]]) -> None:
-    """``executemany`` as multi-row ``INSERT … VALUES (…), (…) …`` statements (on the SQLite thread).
-
-    sqlite3 releases the GIL around every row it steps; each time, the thread waits for the event
-    loop to hand the GIL back, which takes milliseconds while requests keep the loop busy. One
-    statement per few hundred rows makes that one wait."""
-    head, sep, tail = sql.partition(" VALUES (")
-    one, close, rest = tail.partition(")")
-    if not rows or not sep or not close or set(one) - {"?", ","}:  # not the shape we build: row by row
-        conn.executemany(sql, rows)
-        return
-    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0])
-    values = f"({one})"
-    start = 0
-    while start < len(rows):
-        # statements of 128, 64, 32 ... rows: a handful of shapes, so sqlite3's statement cache (128
-        # entries, a prepared multi-row INSERT is large) never fills with one shape per batch size
-        size = 1 << min(7, (len(rows) - start).bit_length() - 1, max(0, limit.bit_length() - 1))
-        part = rows[start : start + size]
-        conn.execute(f"{head} VALUES {','.join([values] * size)}{rest}", [v for row in part for v in row])
-        start += size
-
-
 async def _write_sqlite(client: Any, usage: list[list[Any]]) -> None:
     """The whole batch (BEGIN, the insert, COMMIT) as one call into the SQLite thread, the insert a
-    few multi-row statements (:func:`_insert_many`).
+    few multi-row statements (:func:`.rows.insert_many`).
 
     Through Tortoise a transaction was six awaited calls into aiosqlite's thread and one GIL
     hand-over per row; with the event loop busy 20 ms per iteration (requests) the writer managed
@@ -383,22 +189,90 @@ async def _write_sqlite(client: Any, usage: list[list[Any]]) -> None:
     # sqlite3 binds None through its adapter protocol: no adapter registered for it, it looks for
     # __adapt__ / __conform__ and clears the AttributeErrors, ~0.6 µs per NULL (a row without a routing
     # decision has eight). An adapter returning None (a C call) binds the same NULL; idempotent.
-    sqlite3.register_adapter(type(None), _NULL)
-
-    def run(conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN")
-        try:
-            _insert_many(conn, usage_sql, usage)
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
+    sqlite3.register_adapter(type(None), NULL)
 
     async with client.acquire_connection() as connection:
-        await connection._execute(run, connection._conn)
+        await connection._execute(_rows.write_batch, connection._conn, usage_sql, usage)
 
 
-_NULL: Callable[[Any], Any] = {}.get  # None -> None, without a Python frame
+class SqliteProcess:
+    """The usage rows of a SQLite file written by a process of its own (:mod:`.rows`, run as a
+    script), so that SQLite never holds the server's GIL.
+
+    Started on the first batch; a batch is one write of JSON and one line back. Whatever breaks the
+    exchange — the process died, a broken pipe, the caller's timeout cancelling it halfway — kills the
+    process (its next answer could no longer be matched to its batch) and raises; the next batch
+    starts a new one. A batch the process may have committed before it was killed is written again by
+    the spool's replay: rows already present are skipped. An error SQLite raised comes back as the
+    same sqlite3 exception class, so the writer tells a busy database from a refused row as before."""
+
+    def __init__(self, path: str, sql: str, busy_timeout: float) -> None:
+        self.setup = orjson.dumps({"path": path, "sql": sql, "busy_timeout": busy_timeout}) + b"\n"
+        self.process: asyncio.subprocess.Process | None = None
+        self._killed: list[asyncio.subprocess.Process] = []
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        await self._reap()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-P",  # not its own directory first on sys.path (it is a package's directory)
+            _rows.__file__,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert process.stdin is not None
+        process.stdin.write(self.setup)
+        self.process = process
+        return process
+
+    async def insert(self, rows: list[Row]) -> None:
+        process = self.process or await self._start()
+        assert process.stdin is not None
+        assert process.stdout is not None
+        payload = orjson.dumps(rows)
+        try:
+            process.stdin.write(b"%d\n%b" % (len(payload), payload))
+            await process.stdin.drain()
+            answer = await process.stdout.readline()
+        except BaseException:
+            self._kill()
+            raise
+        if answer == b"ok\n":
+            return
+        if not answer.startswith(b"E\t"):
+            self._kill()
+            raise ConnectionError("the SQLite writer process exited")
+        _, kind, message = answer.decode(errors="replace").rstrip("\n").split("\t", 2)
+        error = getattr(sqlite3, kind, None)
+        if not (isinstance(error, type) and issubclass(error, sqlite3.Error)):
+            error = sqlite3.DatabaseError
+        raise error(message)
+
+    def _kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            if process.returncode is None:
+                process.kill()
+            self._killed.append(process)
+
+    async def _reap(self) -> None:
+        while self._killed:
+            await self._killed.pop().wait()
+
+    async def aclose(self, wait: float) -> None:
+        """End of input: the process finishes its batch (there is none: the writer waited for its
+        answers) and exits; killed if it has not within ``wait`` seconds."""
+        process, self.process = self.process, None
+        if process is not None:
+            assert process.stdin is not None
+            process.stdin.close()
+            try:
+                async with asyncio.timeout(wait):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await self._reap()
 
 
 def _transport_trouble(exc: BaseException) -> bool:
@@ -546,8 +420,10 @@ class UsageWriter:
         queue_size: int = 10_000,
         spool_dir: str = "llmgateway-spool",
         timeout: float = 5.0,
+        sqlite_process: bool = True,
     ) -> None:
         self.db = db
+        self.use_process = sqlite_process
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.queue_size = queue_size
@@ -558,6 +434,7 @@ class UsageWriter:
         self.down_since: float | None = None
         self.late_hours: set[int] = set()  # hours that received replayed rows (rollups recompute them)
         self._wake: asyncio.Event | None = None
+        self.sqlite_process: SqliteProcess | None = None  # a SQLite file's writes, once started
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = False
@@ -604,6 +481,13 @@ class UsageWriter:
     # ---- background ----------------------------------------------------------------------
 
     def start(self) -> None:
+        path = self.db.sqlite_path
+        if path is not None and self.use_process:  # a file: written by a process of its own
+            from .models import UsageRecord
+
+            with self.db.activate():
+                sql, _ = _statement(self.db.connection, UsageRecord, USAGE_COLUMNS)
+            self.sqlite_process = SqliteProcess(path, sql, busy_timeout=max(0.05, self.timeout * 0.8))
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="llmgateway-storage-writer")
 
@@ -618,6 +502,8 @@ class UsageWriter:
             await self.flush()
         self._stopped = True
         self._spool_queue()
+        if self.sqlite_process is not None:
+            await self.sqlite_process.aclose(self.timeout)
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -672,7 +558,10 @@ class UsageWriter:
         itself is in trouble (down, slow): then nothing of ``rows`` was set aside."""
         try:
             async with asyncio.timeout(self.timeout):
-                await insert_rows(self.db, rows)
+                if self.sqlite_process is not None:
+                    await self.sqlite_process.insert(rows)
+                else:
+                    await insert_rows(self.db, rows)
             return None
         except Exception as exc:
             if _transport_trouble(exc):
