@@ -266,18 +266,34 @@ class _Connection(asyncio.Protocol):
                     return
                 continue
             if state == _CHUNK_SIZE:
-                eol = data.find(b"\r\n", pos)
+                # complete chunks back to back (an SSE upstream writes each event as its own chunk):
+                # taken in this loop, and fed on as one piece, without a state change per chunk
+                pieces: list[bytes] = []
+                while True:
+                    eol = data.find(b"\r\n", pos)
+                    if eol < 0:
+                        break
+                    size = data[pos:eol].partition(b";")[0].strip(_OWS)
+                    if not size or len(size) > 16 or size.strip(_HEX):
+                        raise httpx.RemoteProtocolError("malformed chunked body from the upstream")
+                    left = int(size, 16)
+                    stop = eol + 2 + left
+                    if not left or stop + 2 > end:
+                        break
+                    if data[stop : stop + 2] != b"\r\n":
+                        raise httpx.RemoteProtocolError("malformed chunked body from the upstream")
+                    pieces.append(data[eol + 2 : stop])
+                    pos = stop + 2
+                if pieces:
+                    response._feed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
                 if eol < 0:
                     if end - pos > _MAX_CHUNK_LINE:
                         raise httpx.RemoteProtocolError("malformed chunked body from the upstream")
-                    self._rest = bytearray(data[pos:])
+                    if pos < end:
+                        self._rest = bytearray(data[pos:])
                     return
-                size = data[pos:eol].partition(b";")[0].strip(_OWS)
-                if not size or len(size) > 16 or size.strip(_HEX):
-                    raise httpx.RemoteProtocolError("malformed chunked body from the upstream")
                 pos = eol + 2
-                left = int(size, 16)
-                if left:
+                if left:  # a chunk that continues in the next read
                     self._left = left
                     self._state = _CHUNK_DATA
                 else:

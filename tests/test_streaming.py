@@ -169,3 +169,97 @@ async def test_fallback_alias_and_no_retry_on_client_errors(upstream: Upstream, 
     assert answer.headers["x-llmgateway-deployment"] == "backup/local/gpt-ok#0"
     assert answer.parse().model == "primary"
     assert fake.calls.get("gpt-ok", 0) == 1  # a 404 is not retried on another deployment
+
+
+class OneWriteUpstream:
+    """An OpenAI-compatible streaming upstream on a raw socket: each SSE event its own HTTP chunk
+    (as OpenAI sends them), the whole answer in one write (``together``) or one write per event with
+    a pause between (so the gateway reads them one by one)."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.events = events
+        self.together = True
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                start = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                chunks = [b"%x\r\n%b\r\n" % (len(event), event) for event in self.events] + [b"0\r\n\r\n"]
+                if self.together:
+                    writer.write(start + b"".join(chunks))
+                else:
+                    writer.write(start)
+                    for chunk in chunks:
+                        writer.write(chunk)
+                        await writer.drain()
+                        await asyncio.sleep(0.005)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _sse(payload: object) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
+
+
+@pytest.mark.parametrize(("usage", "tricky"), [("sent", False), ("absent", False), ("sent", True)])
+async def test_frames_arriving_together_are_relayed_like_frames_arriving_one_by_one(
+    serve_gateway: GatewayFactory, usage: str, tricky: bool
+) -> None:
+    """A whole answer in one upstream read (each frame its own HTTP chunk, `"usage":null` in every
+    chunk as OpenAI sends it) reaches the client exactly as when the frames come one read each: the
+    alias in every frame, the text, the finish reason, the usage frame dropped for a client that did
+    not ask for it, and the same usage accounted (the upstream's, or estimated from the text)."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up-model-1"}
+    chunks: list[dict[str, object]] = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+    words = ["Hello", ' wor\\"ld', " \u00e9t\u00e9", " end"] + ([' "usage":{"x":1} data: [DONE]'] if tricky else [])
+    chunks += [{**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+    if usage == "sent":
+        for chunk in chunks:
+            chunk["usage"] = None
+        chunks.append(
+            {**base, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}}
+        )
+    fake = OneWriteUpstream([_sse(c) for c in chunks] + [_sse(b"[DONE]")])
+    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    recorder = Recorder()
+    toml = upstream_toml(f"http://127.0.0.1:{port}", models(("m", ["up-model-1"])))
+    seen: list[tuple[list[bytes], tuple[int, int, bool]]] = []
+    try:
+        async with serve_gateway(toml, plugins={"recorder": recorder}) as gw, httpx.AsyncClient(timeout=10) as http:
+            for together in (True, False):
+                fake.together = together
+                async with http.stream("POST", f"{gw}/v1/chat/completions", json={**BODY, "model": "m"}) as response:
+                    events = await read_events(response)
+                await asyncio.sleep(0.05)  # accounting runs after the last byte
+                record = recorder.records[-1]
+                seen.append(
+                    (events, (record.usage.prompt_tokens, record.usage.completion_tokens, record.usage.estimated))
+                )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen[0] == seen[1]
+    events, accounted = seen[0]
+    assert events[-1] == b"data: [DONE]"
+    frames = [orjson.loads(e[6:]) for e in events[:-1]]
+    assert len(frames) == len(words) + 2  # role, words, finish: no usage frame for this client
+    assert all(f["model"] == "m" for f in frames)
+    assert "".join(f["choices"][0]["delta"].get("content", "") for f in frames) == "".join(words)
+    assert frames[-1]["choices"][0]["finish_reason"] == "length"
+    if usage == "sent":
+        assert accounted == (7, 5, False)
+    else:
+        assert accounted[2] is True
+        assert accounted[1] > 0

@@ -38,6 +38,35 @@ _TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 
 
+def _plain_run(blocks: list[bytes], start: int, model_bytes: bytes) -> int:
+    """The end of the run of frames from ``start`` that need only their model name replaced: each one
+    ``data:`` line naming the model once, none carrying a usage object or an error, the ``[DONE]``
+    excluded.
+    Checked on the run as a whole (C-speed counts, no Python loop over frames); a trailing ``[DONE]``
+    and a trailing usage frame are left out of it. Returns ``start`` when the rest is not such a run
+    (the caller goes frame by frame)."""
+    end = len(blocks)
+    if end > start and blocks[end - 1] == b"data: [DONE]":
+        end -= 1
+    if end > start and b'"usage"' in blocks[end - 1]:
+        end -= 1
+    size = end - start
+    if size < 2:
+        return start
+    joined = b"\n\n".join(blocks[start:end])
+    if (
+        joined.count(b"\n") != 2 * (size - 1)
+        or joined.count(b"data: ") != size
+        or not joined.startswith(b"data: ")
+        or joined.count(model_bytes) != size
+        or (b'"usage"' in joined and _USAGE.search(joined))  # "usage":null is fine, an object is not
+        or b'data: {"error"' in joined
+        or b"[DONE]" in joined
+    ):
+        return start
+    return end
+
+
 @dataclass(slots=True)
 class StreamState:
     """What a relay that parses every chunk (Azure annotations, Mistral, TGI) keeps about one stream.
@@ -183,11 +212,16 @@ class OpenAIProvider(Provider):
                 yield frame
 
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
-        """Forward the upstream's frames; the frames of one upstream read go out as one item.
+        """Forward the upstream's frames; the frames of one upstream read go out as one item, except
+        the stream's first frame, which goes out alone (the client's first token does not wait for
+        the rest of a read).
 
-        Only the frame that carries usage is parsed. Whatever ends the stream (``[DONE]``, a cut, a
-        client disconnect closing this generator), ``call.usage`` is set: estimated from the text
-        seen so far when the upstream sent none.
+        Only the frame that carries usage is parsed. Frames after the first that need nothing but
+        the model name replaced (no usage, no error, no ``[DONE]``, one ``data:`` line each: the
+        usual case) are handled a run at a time (:func:`_plain_run`): one replace, one text count
+        and one finish-reason search for the run instead of one each per frame. Whatever ends the
+        stream (``[DONE]``, a cut, a client disconnect closing this generator), ``call.usage`` is
+        set: estimated from the text seen so far when the upstream sent none.
         """
         decoder = SSEDecoder()
         replacement = model_field(call.alias)
@@ -195,53 +229,77 @@ class OpenAIProvider(Provider):
         model_bytes: bytes | None = None  # the upstream's exact `"model":"..."`, learned from the first frame
         text = 0
         finish: bytes | None = None
+        first_sent = False
         try:
             with map_upstream_errors(self.name, self.secrets):
                 async for chunk in response.aiter_raw():
+                    blocks = decoder.feed(chunk)
                     out: list[bytes] = []
-                    for block in decoder.feed(chunk):
-                        if block.startswith(b"data: ") and b"\n" not in block:
-                            data = block[6:]
-                        else:
-                            _, data = parse_event(block)
-                            if not data:
+                    start, count = 0, len(blocks)
+                    runs = True  # until a run check fails in this read (then frame by frame)
+                    while start < count:
+                        stop = start + 1
+                        if model_bytes and runs:
+                            end = _plain_run(blocks, start, model_bytes)
+                            if end > start + 1:
+                                joined = b"\n\n".join(blocks[start:end])
+                                text += sum(map(len, _TEXT.findall(joined)))
+                                if b'"finish_reason":' in joined or b'"finish_reason": ' in joined:
+                                    found = _FINISH.findall(joined)
+                                    if found:
+                                        finish = found[-1]
+                                out.append(joined.replace(model_bytes, replacement) + b"\n\n")
+                                start = end
                                 continue
-                        if data == b"[DONE]":
-                            if finish:
-                                call.finish_reason = finish.decode()
-                            out.append(DONE)
-                            yield b"".join(out)
-                            return
-                        if data.startswith(b'{"error"'):
-                            if out:
-                                yield b"".join(out)
-                            raise self._stream_error(data)
-                        if model_bytes is None:
-                            call.upstream_model = str(orjson.loads(data).get("model") or "")
-                            found_model = MODEL_FIELD.search(data)
-                            model_bytes = found_model.group(0) if found_model else b""
-                        if _USAGE.search(data):
-                            parsed = orjson.loads(data)
-                            call.usage = Usage.from_openai(parsed.get("usage"))
-                            if not include_usage:
-                                if not parsed.get("choices"):
+                            runs = end > start
+                        for block in blocks[start:stop]:
+                            if block.startswith(b"data: ") and b"\n" not in block:
+                                data = block[6:]
+                            else:
+                                _, data = parse_event(block)
+                                if not data:
                                     continue
-                                parsed.pop("usage", None)
-                                parsed["model"] = call.alias
-                                out.append(b"data: " + orjson.dumps(parsed) + b"\n\n")
-                                continue
-                        else:
-                            for match in _TEXT.finditer(data):
-                                text += len(match.group(1))
-                            if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
-                                found = _FINISH.search(data)
-                                if found:
-                                    finish = found.group(1)
-                        if model_bytes and model_bytes in data:
-                            data = data.replace(model_bytes, replacement, 1)
-                        else:
-                            data = rewrite_model(data, replacement)
-                        out.append(b"data: " + data + b"\n\n")
+                            if data == b"[DONE]":
+                                if finish:
+                                    call.finish_reason = finish.decode()
+                                out.append(DONE)
+                                yield b"".join(out)
+                                return
+                            if data.startswith(b'{"error"'):
+                                if out:
+                                    yield b"".join(out)
+                                raise self._stream_error(data)
+                            if model_bytes is None:
+                                call.upstream_model = str(orjson.loads(data).get("model") or "")
+                                found_model = MODEL_FIELD.search(data)
+                                model_bytes = found_model.group(0) if found_model else b""
+                            if _USAGE.search(data):
+                                parsed = orjson.loads(data)
+                                call.usage = Usage.from_openai(parsed.get("usage"))
+                                if not include_usage:
+                                    if not parsed.get("choices"):
+                                        continue
+                                    parsed.pop("usage", None)
+                                    parsed["model"] = call.alias
+                                    out.append(b"data: " + orjson.dumps(parsed) + b"\n\n")
+                                    continue
+                            else:
+                                for match in _TEXT.finditer(data):
+                                    text += len(match.group(1))
+                                if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+                                    found_finish = _FINISH.search(data)
+                                    if found_finish:
+                                        finish = found_finish.group(1)
+                            if model_bytes and model_bytes in data:
+                                data = data.replace(model_bytes, replacement, 1)
+                            else:
+                                data = rewrite_model(data, replacement)
+                            out.append(b"data: " + data + b"\n\n")
+                        start = stop
+                        if out and not first_sent:
+                            first_sent = True
+                            yield b"".join(out)
+                            out = []
                     if out:
                         yield b"".join(out)
             raise UpstreamProtocolError(
