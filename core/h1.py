@@ -852,15 +852,14 @@ class H1Pool:
         await asyncio.sleep(0)  # let the transports run their close callbacks
 
 
-class _H1Stream(httpx.AsyncByteStream):
+class H1Body(httpx.AsyncByteStream):
     __slots__ = ("_response",)
 
     def __init__(self, response: H1Response) -> None:
         self._response = response
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return aiter(self._response)  # the response's own iterator: no generator around it
 
     async def aclose(self) -> None:
         self._response.close()
@@ -872,7 +871,7 @@ def to_httpx(response: H1Response, stream: httpx.AsyncByteStream | httpx.ByteStr
     return httpx.Response(
         status_code=response.status,
         headers=response.headers,
-        stream=_H1Stream(response) if stream is None else stream,
+        stream=H1Body(response) if stream is None else stream,
         extensions={"http_version": response.http_version, "reason_phrase": response.reason},
     )
 

@@ -17,13 +17,13 @@ is how a client disconnect cancels the upstream call.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
 from .config import ProviderConfig
-from .h1 import HOP_HEADERS, H1Pool, H1Response, H1Transport, to_httpx
+from .h1 import HOP_HEADERS, H1Body, H1Pool, H1Response, H1Transport, to_httpx
 
 _httpx_log = logging.getLogger("httpx")
 
@@ -159,7 +159,7 @@ async def open_stream(
     """``POST`` and return the response unread: ``client.send(client.build_request(...), stream=True)``.
 
     The streamed hot path, with the same short cut and the same guarantees as :func:`post_bytes`;
-    the caller reads it (``aiter_raw``, ``aread``) and must ``aclose()`` it.
+    the caller reads it (:func:`body_chunks`, ``aread``) and must ``aclose()`` it.
     """
     pool = _direct(client, params)
     if pool is None:
@@ -167,6 +167,18 @@ async def open_stream(
         return await client.send(request, stream=True)
     assert isinstance(client, GatewayClient)
     return _logged(url, to_httpx(await _post(pool, client, url, content, headers)))
+
+
+def body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """A streamed response's body as it arrives, exactly what ``response.aiter_raw()`` yields: read
+    straight from our own connection when the response came from one (without httpx's chunker and
+    request-context generator: one async generator less per stream, each costing its creation,
+    the event loop's bookkeeping and its close), else through ``aiter_raw``."""
+    stream = response.stream
+    if isinstance(stream, H1Body):
+        response.is_stream_consumed = True
+        return aiter(stream)
+    return response.aiter_raw()
 
 
 def make_client(config: ProviderConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:

@@ -167,7 +167,8 @@ class Provider:
         status raises the client-facing error with the provider's body, the rate-limit headers land
         in ``call.response_headers``, and the response is closed when the block ends however it ends
         (closing before the end closes the connection: that is how an abandoned stream cancels the
-        upstream call). Read the body with ``response.aiter_raw()`` under ``map_upstream_errors``.
+        upstream call). Read the body with :func:`~llmgateway.core.http.body_chunks` (``response.aiter_raw()``
+        without a layer) under ``map_upstream_errors``.
         """
         with map_upstream_errors(self.name, self.secrets):
             response = await open_stream(self.http, url, content=content, headers=headers, params=params)

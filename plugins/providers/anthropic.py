@@ -34,6 +34,7 @@ from llmgateway.core.errors import (
     map_upstream_errors,
 )
 from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.http import body_chunks
 from llmgateway.core.provider import Provider, UpstreamCall
 from llmgateway.core.sse import SSEDecoder, parse_event
 from llmgateway.core.types import Deployment
@@ -168,7 +169,7 @@ class AnthropicProvider(Provider):
                 decoder = SSEDecoder()
                 loads = orjson.loads
                 with map_upstream_errors(self.name, self.secrets):
-                    async for chunk in response.aiter_raw():
+                    async for chunk in body_chunks(response):
                         for block in decoder.feed(chunk):
                             # fast path for Anthropic's two-line events: "event: name\ndata: {...}"
                             start = block.find(b"data: ")

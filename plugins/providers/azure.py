@@ -49,6 +49,7 @@ import orjson
 from llmgateway.core.config import ProviderConfig, Section
 from llmgateway.core.errors import ConfigError, UpstreamProtocolError, map_upstream_errors
 from llmgateway.core.hookspecs import hookimpl
+from llmgateway.core.http import body_chunks
 from llmgateway.core.provider import (
     Provider,
     UpstreamCall,
@@ -188,7 +189,7 @@ class AzureOpenAIProvider(OpenAIProvider):
         state = _StreamState()
         try:
             with map_upstream_errors(self.name, self.secrets):
-                async for chunk in response.aiter_raw():
+                async for chunk in body_chunks(response):
                     for block in decoder.feed(chunk):
                         _, data = parse_event(block)
                         if not data:

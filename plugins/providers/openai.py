@@ -20,7 +20,7 @@ import orjson
 
 from llmgateway.core.errors import UpstreamProtocolError, error_from_upstream_status, map_upstream_errors
 from llmgateway.core.hookspecs import hookimpl
-from llmgateway.core.http import post_bytes
+from llmgateway.core.http import body_chunks, post_bytes
 from llmgateway.core.provider import (
     MODEL_FIELD,
     Provider,
@@ -231,7 +231,7 @@ class OpenAIProvider(Provider):
         finish: bytes | None = None
         try:
             with map_upstream_errors(self.name, self.secrets):
-                async for chunk in response.aiter_raw():
+                async for chunk in body_chunks(response):
                     blocks = decoder.feed(chunk)
                     out: list[bytes] = []
                     start, count = 0, len(blocks)
@@ -310,7 +310,7 @@ class OpenAIProvider(Provider):
         state = self._new_state()
         try:
             with map_upstream_errors(self.name, self.secrets):
-                async for chunk in response.aiter_raw():
+                async for chunk in body_chunks(response):
                     for block in decoder.feed(chunk):
                         _, data = parse_event(block)
                         if not data:
