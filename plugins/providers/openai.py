@@ -38,13 +38,13 @@ _TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 
 
-def _plain_run(blocks: list[bytes], start: int, model_bytes: bytes) -> int:
+def _plain_run(blocks: list[bytes], start: int, model_bytes: bytes) -> tuple[int, bytes]:
     """The end of the run of frames from ``start`` that need only their model name replaced: each one
     ``data:`` line naming the model once, none carrying a usage object or an error, the ``[DONE]``
     excluded.
     Checked on the run as a whole (C-speed counts, no Python loop over frames); a trailing ``[DONE]``
-    and a trailing usage frame are left out of it. Returns ``start`` when the rest is not such a run
-    (the caller goes frame by frame)."""
+    and a trailing usage frame are left out of it. Returns the end and the run's frames joined, or
+    ``start`` when the rest is not such a run (the caller goes frame by frame)."""
     end = len(blocks)
     if end > start and blocks[end - 1] == b"data: [DONE]":
         end -= 1
@@ -52,7 +52,7 @@ def _plain_run(blocks: list[bytes], start: int, model_bytes: bytes) -> int:
         end -= 1
     size = end - start
     if size < 2:
-        return start
+        return start, b""
     joined = b"\n\n".join(blocks[start:end])
     if (
         joined.count(b"\n") != 2 * (size - 1)
@@ -63,8 +63,8 @@ def _plain_run(blocks: list[bytes], start: int, model_bytes: bytes) -> int:
         or b'data: {"error"' in joined
         or b"[DONE]" in joined
     ):
-        return start
-    return end
+        return start, b""
+    return end, joined
 
 
 @dataclass(slots=True)
@@ -239,9 +239,8 @@ class OpenAIProvider(Provider):
                     while start < count:
                         stop = start + 1
                         if model_bytes and runs:
-                            end = _plain_run(blocks, start, model_bytes)
-                            if end > start + 1:
-                                joined = b"\n\n".join(blocks[start:end])
+                            end, joined = _plain_run(blocks, start, model_bytes)
+                            if end > start:
                                 text += sum(map(len, _TEXT.findall(joined)))
                                 if b'"finish_reason":' in joined or b'"finish_reason": ' in joined:
                                     found = _FINISH.findall(joined)
@@ -250,8 +249,8 @@ class OpenAIProvider(Provider):
                                 out.append(joined.replace(model_bytes, replacement) + b"\n\n")
                                 start = end
                                 continue
-                            runs = end > start
-                        for block in blocks[start:stop]:
+                            runs = False
+                        for block in blocks[start:stop]:  # one frame (a loop for its `continue`)
                             if block.startswith(b"data: ") and b"\n" not in block:
                                 data = block[6:]
                             else:

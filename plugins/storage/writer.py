@@ -210,6 +210,7 @@ class SqliteProcess:
         self.setup = orjson.dumps({"path": path, "sql": sql, "busy_timeout": busy_timeout}) + b"\n"
         self.process: asyncio.subprocess.Process | None = None
         self._killed: list[asyncio.subprocess.Process] = []
+        self._lock = asyncio.Lock()  # one batch at a time: answers are matched to batches by order
 
     async def _start(self) -> asyncio.subprocess.Process:
         await self._reap()
@@ -226,6 +227,10 @@ class SqliteProcess:
         return process
 
     async def insert(self, rows: list[Row]) -> None:
+        async with self._lock:
+            await self._insert(rows)
+
+    async def _insert(self, rows: list[Row]) -> None:
         process = self.process or await self._start()
         assert process.stdin is not None
         assert process.stdout is not None
