@@ -247,14 +247,24 @@ ADMIT_LUA = (
 local function tokens_of(entry)
   return tonumber(string.match(entry, '|(%d+)$')) or 0
 end
--- the log's entries older than the window leave it, their tokens leave the total. Returns the oldest
--- entry's time, or nil when no entry is left. One call when there is nothing to drop.
+-- the log's token total (its member "_t", the lowest score: it is negative) and its oldest entry's
+-- time, each nil when absent: one call
+local function head(log)
+  local h = redis.call('ZRANGE', log, 0, 1, 'WITHSCORES')
+  if #h == 0 then return nil, nil end
+  if h[1] == '_t' then
+    if #h > 2 then return -tonumber(h[2]), tonumber(h[4]) end
+    return -tonumber(h[2]), nil
+  end
+  return nil, tonumber(h[2])
+end
+-- the log's entries older than the window leave it, their tokens leave the total. Returns the total
+-- (nil: no "_t") and the oldest entry's time (nil: no entry left). One call when there is nothing
+-- to drop.
 local function purge(log, now, window)
   while true do
-    local first = redis.call('ZRANGEBYSCORE', log, '(0', '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-    if #first == 0 then return nil end
-    local oldest = tonumber(first[2])
-    if oldest > now - window then return oldest end
+    local total, oldest = head(log)
+    if oldest == nil or oldest > now - window then return total, oldest end
     local old = redis.call('ZRANGEBYSCORE', log, '(0', now - window, 'LIMIT', 0, 500)
     local sum = 0
     for j = 1, #old do sum = sum + tokens_of(old[j]) end
@@ -278,15 +288,14 @@ for i = 1, n do
   local rpm, tpm, par, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   if rpm >= 0 or tpm >= 0 then
     local log = name .. ':log'
-    local oldest = purge(log, now, window)
+    local t, oldest = purge(log, now, window)
     oldests[i] = oldest
     local count, total = 0, 0
     if oldest then
       count = redis.call('ZCARD', log)
-      local t = redis.call('ZSCORE', log, '_t')
       if t then
         count = count - 1
-        total = -tonumber(t)
+        total = t
       end
     end
     counts[i], totals[i] = count, total
@@ -336,16 +345,13 @@ for i = 1, n do
   if rpm >= 0 or tpm >= 0 then
     local log = name .. ':log'
     local cost = 0
-    if tpm >= 0 then cost = tonumber(ARGV[a + 5]) end
-    redis.call('ZADD', log, now, member .. '|' .. cost)
     local total = -1
     if tpm >= 0 then
-      total = totals[i] + cost
-      if oldests[i] then
-        redis.call('ZINCRBY', log, -cost, '_t')
-      else
-        redis.call('ZADD', log, -cost, '_t') -- a log that was empty starts its total afresh
-      end
+      cost = tonumber(ARGV[a + 5])
+      total = totals[i] + cost -- (a log that was empty starts its total afresh: totals[i] is 0)
+      redis.call('ZADD', log, now, member .. '|' .. cost, -total, '_t') -- the entry and the new total
+    else
+      redis.call('ZADD', log, now, member .. '|' .. cost)
     end
     keep(log, window + lease)
     local reset = (oldests[i] or now) + window - now
