@@ -151,8 +151,7 @@ class Provider:
             secrets=self.secrets,
         )
 
-    @contextlib.asynccontextmanager
-    async def streaming(
+    def streaming(
         self,
         call: UpstreamCall,
         url: str,
@@ -160,27 +159,17 @@ class Provider:
         content: bytes,
         headers: Mapping[str, str],
         params: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
         """POST a streamed request and hold its response open for the block.
 
         Upstream failures are mapped (:func:`~llmgateway.core.errors.map_upstream_errors`), an error
         status raises the client-facing error with the provider's body, the rate-limit headers land
         in ``call.response_headers``, and the response is closed when the block ends however it ends
         (closing before the end closes the connection: that is how an abandoned stream cancels the
-        upstream call). Read the body with :func:`~llmgateway.core.http.body_chunks` (``response.aiter_raw()``
-        without a layer) under ``map_upstream_errors``.
+        upstream call). Read the body with :func:`~llmgateway.core.http.body_chunks`
+        (``response.aiter_raw()`` without a layer) under ``map_upstream_errors``.
         """
-        with map_upstream_errors(self.name, self.secrets):
-            response = await open_stream(self.http, url, content=content, headers=headers, params=params)
-        try:
-            call.response_headers = self.captured_headers(response.headers)
-            if response.status_code >= 400:
-                with map_upstream_errors(self.name, self.secrets):
-                    body = await response.aread()
-                self.raise_for_status(response, body)
-            yield response
-        finally:
-            await response.aclose()
+        return _UpstreamStream(self, call, url, content, headers, params)
 
     def captured_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         """The upstream response headers kept for the router (rate-limit state). Override to add."""
@@ -200,6 +189,52 @@ class Provider:
                     found[name.decode("latin-1")] = value.decode("latin-1")
             return found
         return {k: v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_HEADER_PREFIXES)}
+
+
+class _UpstreamStream(contextlib.AbstractAsyncContextManager["httpx.Response"]):
+    """:meth:`Provider.streaming`'s context manager: a class, not a generator (every stream would
+    otherwise carry one more async generator: its creation, the event loop's bookkeeping, its close)."""
+
+    __slots__ = ("call", "content", "headers", "params", "provider", "response", "url")
+
+    def __init__(
+        self,
+        provider: Provider,
+        call: UpstreamCall,
+        url: str,
+        content: bytes,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None,
+    ) -> None:
+        self.provider = provider
+        self.call = call
+        self.url = url
+        self.content = content
+        self.headers = headers
+        self.params = params
+        self.response: httpx.Response | None = None
+
+    async def __aenter__(self) -> httpx.Response:
+        provider = self.provider
+        with map_upstream_errors(provider.name, provider.secrets):
+            response = await open_stream(
+                provider.http, self.url, content=self.content, headers=self.headers, params=self.params
+            )
+        self.response = response
+        try:
+            self.call.response_headers = provider.captured_headers(response.headers)
+            if response.status_code >= 400:
+                with map_upstream_errors(provider.name, provider.secrets):
+                    body = await response.aread()
+                provider.raise_for_status(response, body)
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.response is not None:
+            await self.response.aclose()
 
 
 # ---- helpers shared by OpenAI-format providers -----------------------------------------------

@@ -38,6 +38,11 @@ _TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 
 
+def _text_length(frames: list[bytes]) -> int:
+    """The length of the text (content, tool-call arguments) the frames carry, as sent (JSON-escaped)."""
+    return sum(map(len, _TEXT.findall(b"\n\n".join(frames)))) if frames else 0
+
+
 def _plain_run(blocks: list[bytes], start: int, model_bytes: bytes) -> tuple[int, bytes]:
     """The end of the run of frames from ``start`` that need only their model name replaced: each one
     ``data:`` line naming the model once, none carrying a usage object or an error, the ``[DONE]``
@@ -227,6 +232,9 @@ class OpenAIProvider(Provider):
         replacement = model_field(call.alias)
         include_usage = call.include_usage
         model_bytes: bytes | None = None  # the upstream's exact `"model":"..."`, learned from the first frame
+        # frames not yet counted for the text estimate: counted only when no usage comes (or past 64 KB)
+        uncounted: list[bytes] = []
+        uncounted_size = 0
         text = 0
         finish: bytes | None = None
         try:
@@ -241,7 +249,9 @@ class OpenAIProvider(Provider):
                         if model_bytes and runs:
                             end, joined = _plain_run(blocks, start, model_bytes)
                             if end > start:
-                                text += sum(map(len, _TEXT.findall(joined)))
+                                if call.usage is None:
+                                    uncounted.append(joined)
+                                    uncounted_size += len(joined)
                                 if b'"finish_reason":' in joined or b'"finish_reason": ' in joined:
                                     found = _FINISH.findall(joined)
                                     if found:
@@ -268,9 +278,11 @@ class OpenAIProvider(Provider):
                                     yield b"".join(out)
                                 raise self._stream_error(data)
                             if model_bytes is None:
-                                call.upstream_model = str(orjson.loads(data).get("model") or "")
                                 found_model = MODEL_FIELD.search(data)
                                 model_bytes = found_model.group(0) if found_model else b""
+                                call.upstream_model = (
+                                    str(orjson.loads(b"{%b}" % model_bytes)["model"]) if model_bytes else ""
+                                )
                             if _USAGE.search(data):
                                 parsed = orjson.loads(data)
                                 call.usage = Usage.from_openai(parsed.get("usage"))
@@ -282,8 +294,9 @@ class OpenAIProvider(Provider):
                                     out.append(b"data: " + orjson.dumps(parsed) + b"\n\n")
                                     continue
                             else:
-                                for match in _TEXT.finditer(data):
-                                    text += len(match.group(1))
+                                if call.usage is None:
+                                    uncounted.append(data)
+                                    uncounted_size += len(data)
                                 if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
                                     found_finish = _FINISH.search(data)
                                     if found_finish:
@@ -294,13 +307,18 @@ class OpenAIProvider(Provider):
                                 data = rewrite_model(data, replacement)
                             out.append(b"data: " + data + b"\n\n")
                         start = stop
+                    if uncounted_size > 65_536:
+                        text += _text_length(uncounted)
+                        uncounted.clear()
+                        uncounted_size = 0
                     if out:
                         yield b"".join(out)
             raise UpstreamProtocolError(
                 f"Provider '{self.name}' ended the stream before it was complete", provider=self.name
             )
         finally:
-            self._finish_usage(call, text)
+            if call.usage is None:
+                self._finish_usage(call, text + _text_length(uncounted))
 
     async def _relay_parsed(self, response: httpx.Response, call: UpstreamCall) -> AsyncGenerator[bytes, None]:
         """The relay for OpenAI-like servers whose chunks need changing (Mistral, TGI): every chunk is
