@@ -47,6 +47,34 @@ async def call(http: httpx.AsyncClient, i: int) -> tuple[str, int]:
     return response.headers["x-request-id"], response.status_code
 
 
+def small_batches(url: str, tmp_path: Path) -> str:
+    """A database written in batches of ten every 50 ms, timing out after a second."""
+    return textwrap.dedent(
+        f"""
+        [database]
+        url = "{url}"
+        timeout = 1.0
+
+        [database.write_behind]
+        batch_size = 10
+        flush_interval = 0.05
+        spool_dir = "{tmp_path / "spool"}"
+        """
+    )
+
+
+def start_load(
+    http: httpx.AsyncClient, done: list[tuple[str, int]], *, workers: int, each: int
+) -> list[asyncio.Task[None]]:
+    """``workers`` clients making ``each`` requests one after the other; results land in ``done``."""
+
+    async def worker(start: int) -> None:
+        for i in range(start, start + each):
+            done.append(await call(http, i))
+
+    return [asyncio.create_task(worker(w * 1000)) for w in range(workers)]
+
+
 async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -58,28 +86,12 @@ async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
 async def test_database_outage_mid_load_loses_no_row(serve_gateway: GatewayFactory, tmp_path: Path) -> None:
     async with pg_database() as pg_url, CuttableProxy(5432) as proxy:
         name = pg_url.rsplit("/", 1)[1]
-        toml = textwrap.dedent(
-            f"""
-            [database]
-            url = "postgres://postgres@127.0.0.1:{proxy.port}/{name}"
-            timeout = 1.0
-
-            [database.write_behind]
-            batch_size = 10
-            flush_interval = 0.05
-            spool_dir = "{tmp_path / "spool"}"
-            """
-        )
+        toml = small_batches(f"postgres://postgres@127.0.0.1:{proxy.port}/{name}", tmp_path)
         done: list[tuple[str, int]] = []
         async with serve_gateway(toml + DEMO) as url:
             writer = serve_gateway.gateway.state["storage"].writer  # type: ignore[attr-defined]
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-
-                async def worker(start: int, count: int) -> None:
-                    for i in range(start, start + count):
-                        done.append(await call(http, i))
-
-                load = [asyncio.create_task(worker(w * 1000, 60)) for w in range(8)]
+                load = start_load(http, done, workers=8, each=60)
                 await wait_for(lambda: len(done) >= 100)
                 proxy.cut()  # the database goes away in the middle of the load
                 await wait_for(lambda: writer.stats.failures >= 1 and len(done) >= 250)
@@ -112,28 +124,11 @@ async def test_sqlite_writer_process_killed_or_database_locked_loses_no_row(
     import sqlite3
 
     path = tmp_path / "gateway.db"
-    toml = textwrap.dedent(
-        f"""
-        [database]
-        url = "sqlite://{path}"
-        timeout = 1.0
-
-        [database.write_behind]
-        batch_size = 10
-        flush_interval = 0.05
-        spool_dir = "{tmp_path / "spool"}"
-        """
-    )
     done: list[tuple[str, int]] = []
-    async with serve_gateway(toml + DEMO) as url:
+    async with serve_gateway(small_batches(f"sqlite://{path}", tmp_path) + DEMO) as url:
         writer = serve_gateway.gateway.state["storage"].writer  # type: ignore[attr-defined]
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-
-            async def worker(start: int, count: int) -> None:
-                for i in range(start, start + count):
-                    done.append(await call(http, i))
-
-            load = [asyncio.create_task(worker(w * 1000, 50)) for w in range(4)]
+            load = start_load(http, done, workers=4, each=50)
             await wait_for(lambda: writer.stats.written >= 20)
             first = writer.sqlite_process.process
             assert first is not None
