@@ -171,7 +171,7 @@ class ServerConfig:
     drain_timeout: float = 30.0
     expose_routing_header: bool = False
     public_models: bool = True  # /v1/models readable without a key
-    gc_threshold: int = 10_000  # see core/server.py tune_gc (0: Python's own garbage collector settings)
+    gc_threshold: int = 10_000  # see core/app.py tune_gc (0: Python's own garbage collector settings)
 
 
 @dataclass(slots=True)
