@@ -38,6 +38,12 @@ _TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 
 
+def _names_finish(frames: bytes) -> bool:
+    """Whether the frames name a finish reason (a string: the `"finish_reason":null` of every other
+    frame does not count), before the regex looks for it."""
+    return b'"finish_reason":"' in frames or b'"finish_reason": "' in frames
+
+
 def _text_length(frames: list[bytes]) -> int:
     """The length of the text (content, tool-call arguments) the frames carry, as sent (JSON-escaped)."""
     return sum(map(len, _TEXT.findall(b"\n\n".join(frames)))) if frames else 0
@@ -252,7 +258,7 @@ class OpenAIProvider(Provider):
                                 if call.usage is None:
                                     uncounted.append(joined)
                                     uncounted_size += len(joined)
-                                if b'"finish_reason":' in joined or b'"finish_reason": ' in joined:
+                                if _names_finish(joined):
                                     found = _FINISH.findall(joined)
                                     if found:
                                         finish = found[-1]
@@ -297,7 +303,7 @@ class OpenAIProvider(Provider):
                                 if call.usage is None:
                                     uncounted.append(data)
                                     uncounted_size += len(data)
-                                if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+                                if _names_finish(data):
                                     found_finish = _FINISH.search(data)
                                     if found_finish:
                                         finish = found_finish.group(1)

@@ -51,7 +51,7 @@ from llmgateway.core.types import RoutingDecision, UsageRecord
 
 from . import rows as _rows
 from .database import Database
-from .rows import NULL, USAGE_COLUMNS, Row, row_lists
+from .rows import USAGE_COLUMNS, Row, row_lists
 
 log = logging.getLogger("llmgateway.storage")
 
@@ -186,11 +186,6 @@ async def _write_sqlite(client: Any, usage: list[list[Any]]) -> None:
     from .models import UsageRecord
 
     usage_sql, _ = _statement(client, UsageRecord, USAGE_COLUMNS)
-    # sqlite3 binds None through its adapter protocol: no adapter registered for it, it looks for
-    # __adapt__ / __conform__ and clears the AttributeErrors, ~0.6 µs per NULL (a row without a routing
-    # decision has eight). An adapter returning None (a C call) binds the same NULL; idempotent.
-    sqlite3.register_adapter(type(None), NULL)
-
     async with client.acquire_connection() as connection:
         await connection._execute(_rows.write_batch, connection._conn, usage_sql, usage)
 
