@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--servers",
         default="uvicorn,granian",
-        help="other servers to measure llmgateway on, comma-separated ('' for none; default uvicorn,granian)",
+        help="other servers to measure llmgateway on, comma-separated ('none' or '' for none; default uvicorn,granian)",
     )
     run.add_argument(
         "--chain",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         use_wrk=not args.no_wrk,
         litellm=not args.skip_litellm,
         workers2=not args.no_workers2,
-        servers=tuple(s for s in args.servers.split(",") if s),
+        servers=tuple(s for s in args.servers.split(",") if s and s != "none"),
         soak=args.soak,
         profile=args.profile,
         baselines=args.baselines,
