@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +81,27 @@ def test_inprocess_benchmark_runs(extra: list[str]) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "64 requests x 1 at concurrency 4: CPU " in out.stdout
     assert "µs/request" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
+def test_instruction_count_benchmark_runs() -> None:
+    """``benchmarks.instructions`` serves real requests under callgrind twice and prints the
+    difference per request (hypercorn alone: the cheapest target, ~15 s)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--targets", "static", "--requests", "10,40"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "instructions per request, plain requests, concurrency 8 (10 vs 40 requests)" in out.stdout
+    found = re.search(r"^  static +([\d,]+)$", out.stdout, re.M)
+    assert found, out.stdout
+    # a served request costs hypercorn at least its HTTP parsing and a socket write and read
+    assert int(found.group(1).replace(",", "")) > 50_000
 
 
 class Recorder:
