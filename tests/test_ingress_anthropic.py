@@ -16,9 +16,9 @@ import pytest
 from tests.conftest import UPSTREAM_KEY, GatewayFactory
 from tests.fakes.anthropic_server import ANSWER as CLAUDE_ANSWER
 from tests.fakes.anthropic_server import API_KEY as CLAUDE_KEY
-from tests.fakes.anthropic_server import TOOL_INPUT, FakeAnthropic
+from tests.fakes.anthropic_server import REDACTED, TOOL_INPUT, TOOL_THINKING, FakeAnthropic
 from tests.fakes.openai_server import ANSWER as GPT_ANSWER
-from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.openai_server import REASONING, FakeOpenAI
 from tests.servers import running
 
 USER: Any = [{"role": "user", "content": "ping"}]
@@ -48,12 +48,14 @@ def config(openai_url: str, anthropic_url: str, extra: str = "") -> str:
         "demo": ("demo", "demo-1"),
         "gpt": ("local", "gpt-ok"),
         "gpt-tools": ("local", "tools"),
+        "gpt-reasoning": ("local", "reasoning"),
         "gpt-429": ("local", "status-429"),
         "gpt-mid-error": ("local", "mid-error"),
         "gpt-cut": ("local", "cut"),
         "claude": ("claude", "claude-ok"),
         "claude-cached": ("claude", "cached"),
         "claude-tools": ("claude", "two-tools"),
+        "claude-thinking": ("claude", "thinking-tools"),
         "claude-529": ("claude", "status-529"),
     }
     toml = f"""
@@ -379,6 +381,72 @@ async def test_round_trip_through_the_anthropic_provider(
     assert sent["max_tokens"] == 64
     assert sent["tools"][0] == WEATHER
     assert claude[0].requests[-2].body["system"] == "Be brief."
+
+
+async def test_thinking_through_the_anthropic_provider(
+    serve_gateway: GatewayFactory, upstream: tuple[FakeOpenAI, str], claude: tuple[FakeAnthropic, str]
+) -> None:
+    thinking: Any = {"type": "enabled", "budget_tokens": 1024}
+    kwargs: Any = {"model": "claude-thinking", "max_tokens": 2048, "thinking": thinking, "tools": [WEATHER]}
+    async with serve_gateway(config(upstream[1], claude[1])) as url, sdk(url) as client:
+        message = await client.messages.create(messages=USER, **kwargs)
+        plain_sent = claude[0].last
+        deltas: list[str] = []
+        async with client.messages.stream(messages=USER, **kwargs) as stream:
+            async for event in stream:
+                if event.type == "content_block_delta":
+                    deltas.append(event.delta.type)
+            final = await stream.get_final_message()
+        history: Any = [
+            {"role": "user", "content": "Hi"},
+            {  # a turn answered by another backend: its unsigned thinking block is dropped for Anthropic
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "Greet back.", "signature": ""},
+                    {"type": "text", "text": "Hello."},
+                ],
+            },
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in final.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01T", "content": "18C"}]},
+        ]
+        await client.messages.create(messages=history, **kwargs)
+    assert plain_sent["thinking"] == thinking  # verbatim
+    assert plain_sent["max_tokens"] == 2048
+    for answer in (message, final):
+        assert [block.type for block in answer.content] == ["thinking", "redacted_thinking", "text", "tool_use"]
+        assert [block.model_dump() for block in answer.content[:2]] == [TOOL_THINKING, REDACTED]
+    assert "thinking_delta" in deltas
+    assert deltas.index("signature_delta") > deltas.index("thinking_delta")
+    # the fake verifies the signatures and that the turn answered by tool results starts with its thinking
+    sent = claude[0].last["messages"]
+    assert sent[1] == {"role": "assistant", "content": "Hello."}
+    assert sent[3]["content"][:2] == [TOOL_THINKING, REDACTED]
+    assert sent[3]["content"][3] == {"type": "tool_use", "id": "toolu_01T", "name": "get_weather", "input": TOOL_INPUT}
+
+
+async def test_thinking_from_an_openai_compatible_reasoning_model(
+    serve_gateway: GatewayFactory, upstream: tuple[FakeOpenAI, str], claude: tuple[FakeAnthropic, str]
+) -> None:
+    history: Any = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [dict(TOOL_THINKING), dict(REDACTED), {"type": "text", "text": "Hello."}]},
+        {"role": "user", "content": "A pangram?"},
+    ]
+    kwargs: Any = {"model": "gpt-reasoning", "max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    async with serve_gateway(config(upstream[1], claude[1])) as url, sdk(url) as client:
+        message = await client.messages.create(messages=history, **kwargs)
+        async with client.messages.stream(messages=history, **kwargs) as stream:
+            final = await stream.get_final_message()
+    for answer, text in ((message, GPT_ANSWER), (final, GPT_ANSWER + " ")):
+        assert [block.model_dump(exclude_none=True) for block in answer.content] == [
+            {"type": "thinking", "thinking": REASONING, "signature": ""},
+            {"type": "text", "text": text},
+        ]
+    for request in upstream[0].requests[-2:]:
+        assert "thinking" not in request.body
+        assert request.body["messages"][1] == {"role": "assistant", "content": "Hello."}
+        assert not any("thinking_blocks" in m for m in request.body["messages"])
 
 
 # ---- count_tokens ----------------------------------------------------------------------------

@@ -17,7 +17,15 @@ from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.provider import estimate_tokens
 from llmgateway.core.types import Attempt, RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
-from tests.fakes.anthropic_server import ANSWER, API_KEY, FORCED_INPUT, TOOL_INPUT, FakeAnthropic
+from tests.fakes.anthropic_server import (
+    ANSWER,
+    API_KEY,
+    FORCED_INPUT,
+    REDACTED,
+    TOOL_INPUT,
+    TOOL_THINKING,
+    FakeAnthropic,
+)
 from tests.servers import running
 
 MODELS = [
@@ -28,6 +36,7 @@ MODELS = [
     "max-tokens",
     "stop-seq",
     "thinking",
+    "thinking-tools",
     "mid-error",
     "cut",
     "status-400",
@@ -327,6 +336,89 @@ async def test_usage_stop_reasons_and_thinking(
     assert stopped.choices[0].finish_reason == "stop"
     assert thought.choices[0].message.content == ANSWER
     assert (thought.choices[0].message.model_extra or {})["reasoning_content"] == "The user wants a pangram."
+
+
+async def test_reasoning_effort_becomes_a_thinking_budget(
+    serve_gateway: GatewayFactory, fake: FakeAnthropic, fake_url: str
+) -> None:
+    async with serve_gateway(config(fake_url)) as url, sdk(url) as oa:
+        await oa.chat.completions.create(model="thinking", messages=USER, reasoning_effort="low")
+        low = fake.last
+        await oa.chat.completions.create(
+            model="thinking", messages=USER, reasoning_effort="high", max_completion_tokens=2000
+        )
+        lowered = fake.last
+        await oa.chat.completions.create(model="thinking", messages=USER, reasoning_effort="none")
+        none = fake.last
+        await oa.chat.completions.create(
+            model="thinking", messages=USER, reasoning_effort="high", extra_body={"thinking": {"type": "adaptive"}}
+        )
+        explicit = fake.last
+        sent = len(fake.requests)
+        with pytest.raises(openai.BadRequestError) as too_small:
+            await oa.chat.completions.create(model="thinking", messages=USER, reasoning_effort="low", max_tokens=1024)
+        with pytest.raises(openai.BadRequestError) as temperature:
+            await oa.chat.completions.create(model="thinking", messages=USER, reasoning_effort="low", temperature=0.2)
+        with pytest.raises(openai.BadRequestError) as forced:
+            await oa.chat.completions.create(
+                model="thinking", messages=USER, reasoning_effort="low", tools=[WEATHER_TOOL], tool_choice="required"
+            )
+    assert (low["thinking"], low["max_tokens"]) == ({"type": "enabled", "budget_tokens": 1024}, 4096)
+    assert (lowered["thinking"], lowered["max_tokens"]) == ({"type": "enabled", "budget_tokens": 1999}, 2000)
+    assert "thinking" not in none
+    assert "reasoning_effort" not in none
+    assert explicit["thinking"] == {"type": "adaptive"}  # an explicit thinking object wins
+    assert len(fake.requests) == sent  # the refused requests never reached Anthropic
+    assert too_small.value.param == "reasoning_effort"
+    assert too_small.value.type == "invalid_request_error"
+    assert "1024" in too_small.value.message
+    assert temperature.value.param == "temperature"
+    assert "thinking" in temperature.value.message
+    assert forced.value.param == "tool_choice"
+
+
+async def test_thinking_blocks_round_trip(serve_gateway: GatewayFactory, fake: FakeAnthropic, fake_url: str) -> None:
+    async with serve_gateway(config(fake_url)) as url, sdk(url) as oa:
+        answer = await oa.chat.completions.create(
+            model="thinking-tools", messages=USER, tools=[WEATHER_TOOL], reasoning_effort="medium"
+        )
+        streamed_blocks: list[Any] = []
+        reasoning: list[str] = []
+        stream = await oa.chat.completions.create(
+            model="thinking-tools", messages=USER, tools=[WEATHER_TOOL], reasoning_effort="medium", stream=True
+        )
+        async for chunk in stream:
+            extra = (chunk.choices[0].delta.model_extra or {}) if chunk.choices else {}
+            streamed_blocks += extra.get("thinking_blocks") or []
+            reasoning.append(extra.get("reasoning_content") or "")
+        assistant = answer.choices[0].message.model_dump(exclude_none=True)
+        unsigned = {"type": "thinking", "thinking": "From another model.", "signature": ""}
+        assistant["thinking_blocks"] = [unsigned, *assistant["thinking_blocks"]]
+        turns: Any = [*USER, assistant, {"role": "tool", "tool_call_id": "toolu_01T", "content": "18C"}]
+        await oa.chat.completions.create(
+            model="thinking-tools", messages=turns, tools=[WEATHER_TOOL], reasoning_effort="medium"
+        )
+    message = answer.choices[0].message
+    assert (message.model_extra or {})["thinking_blocks"] == [TOOL_THINKING, REDACTED]
+    assert (message.model_extra or {})["reasoning_content"] == TOOL_THINKING["thinking"]
+    assert message.tool_calls is not None
+    assert message.tool_calls[0].id == "toolu_01T"
+    assert streamed_blocks == [TOOL_THINKING, REDACTED]
+    assert "".join(reasoning) == TOOL_THINKING["thinking"]
+    # the fake checks signatures and that the turn answered by tool results starts with its thinking
+    assert fake.last["messages"][1] == {
+        "role": "assistant",
+        "content": [
+            TOOL_THINKING,
+            REDACTED,
+            {"type": "text", "text": "Let me check the weather."},
+            {"type": "tool_use", "id": "toolu_01T", "name": "get_weather", "input": TOOL_INPUT},
+        ],
+    }
+    assert fake.last["messages"][2] == {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_01T", "content": "18C"}],
+    }
 
 
 async def test_rate_limit_headers_are_captured(serve_gateway: GatewayFactory, fake_url: str) -> None:

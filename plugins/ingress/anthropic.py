@@ -12,6 +12,18 @@ answers ``{"input_tokens": N}``: the exact count from Anthropic when the model's
 is an ``anthropic`` provider, otherwise an estimate (about four characters a token). The response
 header ``x-llmgateway-estimated`` says which (``true`` / ``false``).
 
+Extended thinking: the request's ``thinking`` object is not put into the OpenAI body (an
+OpenAI-compatible upstream would refuse the field); it is kept, as given, in
+``ctx.state["anthropic.thinking"]``, which the ``anthropic`` provider sends on verbatim (budget,
+``adaptive``, ``disabled``) and other providers ignore: to have an OpenAI-compatible reasoning model
+reason, give its deployment ``params = { reasoning_effort = "high" }`` in gateway.toml. Thinking
+blocks in the history become the assistant message's ``thinking_blocks`` (signatures intact, for
+the anthropic provider; ``ctx.state["anthropic.thinking_blocks"]`` tells OpenAI-format providers to
+strip them). Answers carry the provider's ``thinking_blocks`` first, or one thinking block (empty
+signature) made from ``reasoning_content``; streams send them as thinking blocks with
+``thinking_delta`` and ``signature_delta`` events. (A cache plugin keyed on ``ctx.body`` alone would
+not tell requests apart by their ``thinking``: add ``ctx.state.get("anthropic.thinking")`` to the key.)
+
 Errors keep the OpenAI envelope with Anthropic's top-level ``"type": "error"`` and Anthropic's
 error type names (``api_error``, ``overloaded_error``, ``not_found_error``...), so the SDK raises
 its typed exceptions by status. The translation itself is :mod:`llmgateway.plugins.translate.anthropic`.
@@ -35,6 +47,7 @@ from llmgateway.core.sse import named_frame
 from llmgateway.core.types import Endpoint, Principal, RequestContext
 from llmgateway.plugins.providers.anthropic import AnthropicProvider
 from llmgateway.plugins.translate.anthropic import (
+    THINKING_STATE,
     OpenAIToAnthropicStream,
     anthropic_error_payload,
     anthropic_to_openai,
@@ -52,7 +65,7 @@ class AnthropicIngress(Ingress):
     name = "anthropic"
 
     def to_openai(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
-        return anthropic_to_openai(body)
+        return anthropic_to_openai(body, state=ctx.state)
 
     def from_openai(self, ctx: RequestContext, response: dict[str, Any]) -> dict[str, Any]:
         return openai_to_anthropic(response, request_id=ctx.request_id, model=ctx.alias or str(response.get("model")))
@@ -107,7 +120,8 @@ def count_tokens_handler(gateway: Gateway) -> Any:
     async def handler(request: Request, principal: Principal) -> Response:
         try:
             raw = await read_body(request.receive, request.scope, gateway.config.server.max_body_bytes)
-            body = anthropic_to_openai(parse_json_object(raw), require_max_tokens=False)
+            state: dict[str, Any] = {}
+            body = anthropic_to_openai(parse_json_object(raw), require_max_tokens=False, state=state)
             alias = body["model"]
             group = gateway.models.get(alias)
             if group is None or not principal.may_use(alias):
@@ -118,7 +132,7 @@ def count_tokens_handler(gateway: Gateway) -> Any:
             provider = gateway.providers.get(deployment.provider) if deployment else None
             if deployment is not None and isinstance(provider, AnthropicProvider):
                 try:
-                    tokens = await provider.count_tokens(body, deployment)
+                    tokens = await provider.count_tokens(body, deployment, thinking=state.get(THINKING_STATE))
                     estimated = False
                 except GatewayError:
                     pass  # fall back to the estimate

@@ -22,6 +22,12 @@ from llmgateway.core.types import Usage
 
 _NULL_FINISH = b'},"finish_reason":null}]}\n\n'
 
+#: ``ctx.state`` key an ingress sets (True) when its OpenAI body carries ``thinking_blocks`` in
+#: assistant messages (the Anthropic ingress, from thinking blocks in the history). Only the
+#: ``anthropic`` provider reads that field; OpenAI-format providers strip it when this key is set
+#: (:func:`strip_thinking_blocks`), so no request pays for looking through its messages otherwise.
+THINKING_BLOCKS_STATE = "anthropic.thinking_blocks"
+
 
 class ChunkWriter:
     """OpenAI chat-completion chunk frames (``b"data: {...}\\n\\n"``) for one streamed answer."""
@@ -91,18 +97,22 @@ def chat_completion(
     usage: Usage | None,
     tool_calls: list[dict[str, Any]] | None = None,
     reasoning: str | None = None,
+    thinking_blocks: list[dict[str, Any]] | None = None,
     created: int | None = None,
 ) -> dict[str, Any]:
     """A complete OpenAI ``chat.completion`` with one choice.
 
     ``tool_calls`` are ``{"id", "type": "function", "function": {"name", "arguments"}}`` with
-    ``arguments`` a JSON string.
+    ``arguments`` a JSON string. ``reasoning`` goes out as ``reasoning_content``; ``thinking_blocks``
+    (Anthropic's thinking blocks with their signatures, the field LiteLLM uses) as they are.
     """
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     if reasoning:
         message["reasoning_content"] = reasoning
+    if thinking_blocks:
+        message["thinking_blocks"] = thinking_blocks
     out: dict[str, Any] = {
         "id": id,
         "object": "chat.completion",
@@ -113,6 +123,20 @@ def chat_completion(
     if usage is not None:
         out["usage"] = usage.as_openai()
     return out
+
+
+def strip_thinking_blocks(body: dict[str, Any]) -> None:
+    """Remove ``thinking_blocks`` from the body's messages (for upstreams that would refuse the
+    field). The messages list is replaced, not edited: it is shared with the request's own body,
+    which a fallback to an ``anthropic`` deployment still needs whole."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        body["messages"] = [
+            {k: v for k, v in m.items() if k != "thinking_blocks"}
+            if isinstance(m, dict) and "thinking_blocks" in m
+            else m
+            for m in messages
+        ]
 
 
 # ---- reading OpenAI requests, writing embeddings (added for the gemini / cohere providers) ------

@@ -14,9 +14,26 @@ and the options:
 
 OpenAI parameters Anthropic cannot honour (``n`` > 1, ``seed``, ``presence_penalty`` /
 ``frequency_penalty`` other than 0, ``logit_bias``, ``logprobs``, ``top_logprobs``, audio output,
-``reasoning_effort``, ``temperature`` above 1) are refused with a 400 naming the parameter, or
-dropped (temperature: capped at 1) when the provider sets ``drop_unsupported_params = true``.
+``temperature`` above 1) are refused with a 400 naming the parameter, or dropped (temperature:
+capped at 1) when the provider sets ``drop_unsupported_params = true``.
 Anthropic has no embeddings or text completions: those endpoints answer 400.
+
+Extended thinking. The request's Anthropic ``thinking`` object is, in this order: the Anthropic
+ingress's (``ctx.state["anthropic.thinking"]``, the ``/v1/messages`` request's ``thinking`` as the
+client gave it: budget, ``adaptive`` or ``disabled``), the OpenAI body's own ``thinking`` object
+(both verbatim), else ``reasoning_effort``: ``none`` asks for no thinking, ``minimal`` / ``low``
+for a budget of 1024 tokens, ``medium`` 4096, ``high`` 16384, ``xhigh`` 32768, ``max`` 65536
+(:data:`~llmgateway.plugins.translate.anthropic.THINKING_BUDGETS`). Anthropic wants the budget
+below ``max_tokens`` (the request's ``max_completion_tokens`` / ``max_tokens``, else the
+default above): a budget that does not fit is lowered to ``max_tokens - 1``, and when that is under
+1024 the request is a 400 naming ``reasoning_effort``. With thinking on, Anthropic refuses
+``temperature`` other than 1, ``top_k`` and ``top_p`` below 0.95 (400 naming the parameter, or
+dropped with ``drop_unsupported_params``) and forced tool calls (``tool_choice`` required or a
+function, JSON mode: 400 naming it). Answers carry the thinking text as ``reasoning_content`` and
+the blocks themselves, signatures included, as ``thinking_blocks`` (LiteLLM's field; streamed as a
+``thinking_blocks`` delta when each block ends); an assistant message that carries
+``thinking_blocks`` sends them back first in its turn, unchanged, which multi-turn tool use with
+thinking requires (thinking blocks without a signature are dropped).
 """
 
 from __future__ import annotations
@@ -40,9 +57,13 @@ from llmgateway.core.sse import SSEDecoder, parse_event
 from llmgateway.core.types import Deployment
 from llmgateway.plugins.translate.anthropic import (
     ANTHROPIC_VERSION,
+    THINKING_STATE,
     AnthropicToOpenAIStream,
     JsonMode,
     from_anthropic,
+    request_max_tokens,
+    resolve_thinking,
+    thinking_enabled,
     to_anthropic,
     upstream_stream_error,
 )
@@ -69,11 +90,23 @@ def _unsupported(body: Mapping[str, Any]) -> list[str]:
         found.append("top_logprobs")
     if body.get("audio") or "audio" in (body.get("modalities") or ()):
         found.append("audio" if body.get("audio") else "modalities")
-    if body.get("reasoning_effort") is not None:
-        found.append("reasoning_effort")
     temperature = body.get("temperature")
     if isinstance(temperature, (int, float)) and temperature > 1:
         found.append("temperature")
+    return found
+
+
+def _unsupported_with_thinking(body: Mapping[str, Any]) -> list[str]:
+    """Sampling parameters Anthropic refuses when thinking is on."""
+    found: list[str] = []
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        found.append("temperature")
+    if body.get("top_k") is not None:
+        found.append("top_k")
+    top_p = body.get("top_p")
+    if isinstance(top_p, (int, float)) and top_p < 0.95:
+        found.append("top_p")
     return found
 
 
@@ -124,6 +157,21 @@ class AnthropicProvider(Provider):
             else:
                 del call.body[name]
 
+    def check_thinking_params(self, call: UpstreamCall) -> None:
+        """Refuse (or drop) what Anthropic does not take together with thinking."""
+        for name in _unsupported_with_thinking(call.body):
+            if not self.config.drop_unsupported_params:
+                detail = {"temperature": "'temperature' other than 1", "top_p": "'top_p' below 0.95"}.get(
+                    name, f"'{name}'"
+                )
+                raise UnsupportedParameterError(
+                    f"Provider '{self.name}' (Anthropic) does not support {detail} together with extended "
+                    "thinking (leave it out, turn thinking off, or set drop_unsupported_params = true on the "
+                    "provider to drop it)",
+                    param=name,
+                )
+            del call.body[name]
+
     def _request(self, call: UpstreamCall, *, stream: bool) -> tuple[bytes, JsonMode | None]:
         self.check_params(call)
         body = call.body
@@ -132,7 +180,10 @@ class AnthropicProvider(Provider):
         else:
             body.pop("stream", None)
         max_tokens = call.deployment.max_output_tokens or self.default_max_tokens
-        translated, json_mode = to_anthropic(body, max_tokens=max_tokens)
+        thinking = resolve_thinking(body, request_max_tokens(body, max_tokens), call.ctx.state.get(THINKING_STATE))
+        if thinking_enabled(thinking):
+            self.check_thinking_params(call)
+        translated, json_mode = to_anthropic(body, max_tokens=max_tokens, thinking=thinking)
         return orjson.dumps(translated), json_mode
 
     # ---- plain -------------------------------------------------------------------------------
@@ -202,9 +253,12 @@ class AnthropicProvider(Provider):
 
     # ---- token counting ----------------------------------------------------------------------
 
-    async def count_tokens(self, body: dict[str, Any], deployment: Deployment) -> int:
-        """Anthropic's exact input token count for an OpenAI chat body (``/v1/messages/count_tokens``)."""
-        translated, _ = to_anthropic({**body, "model": deployment.model}, max_tokens=1)
+    async def count_tokens(
+        self, body: dict[str, Any], deployment: Deployment, *, thinking: dict[str, Any] | None = None
+    ) -> int:
+        """Anthropic's exact input token count for an OpenAI chat body (``/v1/messages/count_tokens``);
+        ``thinking``: the Anthropic request's, sent along (it changes what the history counts)."""
+        translated, _ = to_anthropic({**body, "model": deployment.model}, max_tokens=1, thinking=thinking)
         for key in ("max_tokens", "stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata"):
             translated.pop(key, None)
         with map_upstream_errors(self.name, self.secrets):

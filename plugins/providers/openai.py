@@ -1,7 +1,11 @@
 """Provider ``openai``: OpenAI itself and any server that speaks its API (vLLM, Ollama, llama.cpp
 server, Groq, Together, LM Studio...).
 
-Requests go through as they are (``model`` set to the deployment's upstream model). Streamed frames
+Requests go through as they are (``model`` set to the deployment's upstream model), except for
+``thinking_blocks`` in messages (Anthropic's signed thinking blocks, which the Anthropic ingress
+carries for the ``anthropic`` provider): they are stripped, for this provider and the ones built
+on it (azure, mistral, huggingface), when the ingress flagged the request as carrying them
+(``ctx.state["anthropic.thinking_blocks"]``), so other requests pay nothing for it. Streamed frames
 are forwarded without being parsed: the ``model`` field is rewritten to the alias with a byte-level
 substitution, and only the one frame that carries usage is parsed. When the upstream sends no
 usage, it is estimated from the streamed text and marked estimated.
@@ -32,6 +36,7 @@ from llmgateway.core.provider import (
 )
 from llmgateway.core.sse import DONE, SSEDecoder, frame, parse_event
 from llmgateway.core.types import Usage
+from llmgateway.plugins.providers._openai_format import THINKING_BLOCKS_STATE, strip_thinking_blocks
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _TEXT = re.compile(rb'"(?:content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -129,6 +134,8 @@ class OpenAIProvider(Provider):
 
     async def _post_json(self, path: str, call: UpstreamCall) -> dict[str, Any]:
         self.check_params(call)
+        if THINKING_BLOCKS_STATE in call.ctx.state:
+            strip_thinking_blocks(call.body)
         if self.refreshes_auth:
             await self.refresh_auth()
         with map_upstream_errors(self.name, self.secrets):
@@ -207,6 +214,8 @@ class OpenAIProvider(Provider):
 
     async def _stream(self, path: str, call: UpstreamCall) -> AsyncIterator[bytes]:
         body = self.stream_body(call)
+        if THINKING_BLOCKS_STATE in call.ctx.state:
+            strip_thinking_blocks(body)
         if self.refreshes_auth:
             await self.refresh_auth()
         async with (

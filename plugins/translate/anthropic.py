@@ -24,12 +24,37 @@ Choices worth knowing (each is also stated where it is made):
 * Usage: OpenAI's ``prompt_tokens`` includes cached tokens; Anthropic's ``input_tokens`` does not.
   ``prompt_tokens = input_tokens + cache_read_input_tokens + cache_creation_input_tokens`` and
   ``cached_tokens = cache_read_input_tokens`` (and back the other way on ingress).
+* Extended thinking, provider direction: Anthropic's ``thinking`` / ``redacted_thinking`` blocks
+  become the answer's ``reasoning_content`` (the thinking text) and ``thinking_blocks`` (the blocks
+  themselves, signature or ``data`` included, in Anthropic's order: the field LiteLLM uses). Streams
+  send the text as ``reasoning_content`` deltas and each complete block as a ``thinking_blocks``
+  delta when the block ends (``content_block_stop``), so a client can rebuild the blocks. An
+  assistant message's ``thinking_blocks`` are sent back first in its turn, unchanged (what
+  multi-turn tool use with thinking needs); thinking blocks without a signature are dropped
+  (Anthropic refuses them). The request's thinking is, in this order: the Anthropic ingress's
+  ``thinking`` (``ctx.state["anthropic.thinking"]``, verbatim), the OpenAI body's ``thinking``
+  object (verbatim), else ``reasoning_effort`` through :data:`THINKING_BUDGETS`, with the budget
+  lowered below ``max_tokens`` when it does not fit (400 naming ``reasoning_effort`` when even
+  1024 does not). With thinking on, a forced tool (``tool_choice`` required / a function, JSON
+  mode) is refused with a 400 naming the param, as Anthropic would refuse it.
+* Extended thinking, ingress direction: the request's ``thinking`` is not put into the OpenAI body
+  (OpenAI-compatible upstreams refuse unknown fields) but kept, as given, in
+  ``ctx.state["anthropic.thinking"]`` for the anthropic provider; other providers ignore it (give
+  a deployment ``params = { reasoning_effort = "..." }`` to make a reasoning model reason).
+  Thinking blocks in the history become the assistant message's ``thinking_blocks`` (and
+  ``ctx.state["anthropic.thinking_blocks"]`` is set, so OpenAI-format providers strip them before
+  the upstream sees them, without looking at messages otherwise). Answers: ``thinking_blocks``
+  come first in the content, signatures intact; an answer with only ``reasoning_content`` (DeepSeek,
+  vLLM, Gemini...) gets one thinking block with an empty signature, which the anthropic provider
+  drops again if it comes back in the history. Streams open a thinking block for
+  ``reasoning_content`` deltas (``thinking_delta`` events) and send a ``thinking_blocks`` delta's
+  signature as ``signature_delta`` before the block's ``content_block_stop``; redacted blocks are
+  blocks of their own.
 * Ingress: ``output_config.format`` (structured outputs) becomes ``response_format`` json_schema;
-  ``output_config.effort`` and ``thinking`` are dropped, and so are thinking blocks in the history
-  (only Anthropic can check their signatures) and ``reasoning_content`` in answers; tool results
-  that hold images are followed by a user message carrying those images; ``is_error`` on a tool
-  result is prefixed to its text as ``"Error: "``; ``cache_control`` and ``top_k`` are passed on
-  (the anthropic provider uses them; a strict OpenAI upstream may refuse them).
+  ``output_config.effort`` is dropped; tool results that hold images are followed by a user
+  message carrying those images; ``is_error`` on a tool result is prefixed to its text as
+  ``"Error: "``; ``cache_control`` and ``top_k`` are passed on (the anthropic provider uses them;
+  a strict OpenAI upstream may refuse them).
 * Tool calls without a finish reason of their own (or with "stop") end with ``stop_reason: tool_use``.
 """
 
@@ -44,7 +69,7 @@ import orjson
 from llmgateway.core.errors import GatewayError, InvalidRequestError, UpstreamStatusError, error_from_upstream_status
 from llmgateway.core.provider import estimate_tokens
 from llmgateway.core.types import Usage
-from llmgateway.plugins.providers._openai_format import ChunkWriter, chat_completion
+from llmgateway.plugins.providers._openai_format import THINKING_BLOCKS_STATE, ChunkWriter, chat_completion
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -97,6 +122,23 @@ ERROR_TYPES: dict[int, str] = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+
+#: ``ctx.state`` key: the Anthropic ingress request's ``thinking`` object, as the client gave it
+THINKING_STATE = "anthropic.thinking"
+
+#: OpenAI ``reasoning_effort`` -> Anthropic ``thinking.budget_tokens`` (0: no thinking is asked for).
+#: Anthropic wants ``MIN_THINKING_BUDGET <= budget_tokens < max_tokens``: a budget that does not fit
+#: under the request's max tokens is lowered to ``max_tokens - 1`` (a 400 when that is below 1024).
+THINKING_BUDGETS: dict[str, int] = {
+    "none": 0,
+    "minimal": 1024,
+    "low": 1024,
+    "medium": 4096,
+    "high": 16384,
+    "xhigh": 32768,
+    "max": 65536,
+}
+MIN_THINKING_BUDGET = 1024
 
 JSON_TOOL = "json_response"
 _JSON_TOOL_DESCRIPTION = "Answer by calling this tool: its input is the whole answer, as JSON matching the schema."
@@ -171,10 +213,58 @@ class JsonMode:
     wrapped: bool
 
 
-def to_anthropic(body: dict[str, Any], *, max_tokens: int) -> tuple[dict[str, Any], JsonMode | None]:
+def request_max_tokens(body: dict[str, Any], default: int) -> int:
+    """The ``max_tokens`` sent to Anthropic: ``max_completion_tokens``, else ``max_tokens``, else ``default``."""
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or default)
+
+
+def thinking_enabled(thinking: Any) -> bool:
+    """Whether an Anthropic ``thinking`` object turns thinking on (``enabled`` or ``adaptive``)."""
+    return isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled")
+
+
+def resolve_thinking(body: dict[str, Any], max_tokens: int, given: Any = None) -> dict[str, Any] | None:
+    """The Anthropic ``thinking`` for an OpenAI body: ``given`` (the Anthropic ingress's object), else
+    the body's own ``thinking`` object, both verbatim; else ``reasoning_effort`` through
+    :data:`THINKING_BUDGETS`, the budget lowered below ``max_tokens`` (the request's, see
+    :func:`request_max_tokens`) when it does not fit. None: no thinking is asked for.
+    Raises :class:`InvalidRequestError` naming ``thinking`` or ``reasoning_effort``."""
+    thinking = given if given is not None else body.get("thinking")
+    if thinking is not None:
+        if not isinstance(thinking, dict):
+            raise InvalidRequestError("'thinking' must be an object", param="thinking")
+        return thinking
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if not isinstance(effort, str) or effort not in THINKING_BUDGETS:
+        raise InvalidRequestError(
+            f"'reasoning_effort' must be one of {', '.join(THINKING_BUDGETS)} (got {effort!r})",
+            param="reasoning_effort",
+        )
+    budget = THINKING_BUDGETS[effort]
+    if not budget:
+        return None
+    if budget >= max_tokens:
+        if max_tokens - 1 < MIN_THINKING_BUDGET:
+            raise InvalidRequestError(
+                f"'reasoning_effort' {effort!r} needs a larger max_tokens: Anthropic's thinking budget is at "
+                f"least {MIN_THINKING_BUDGET} tokens and must be below max_tokens, which is {max_tokens} here "
+                f"(ask for at least {MIN_THINKING_BUDGET + 1}, or set reasoning_effort to 'none')",
+                param="reasoning_effort",
+            )
+        budget = max_tokens - 1
+    return {"type": "enabled", "budget_tokens": budget}
+
+
+def to_anthropic(
+    body: dict[str, Any], *, max_tokens: int, thinking: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], JsonMode | None]:
     """An OpenAI chat request as an Anthropic Messages body (``model`` kept as given).
 
     ``max_tokens`` is used when the request sets neither ``max_completion_tokens`` nor ``max_tokens``.
+    ``thinking`` is the Anthropic ``thinking`` object (see :func:`resolve_thinking`); the body's own
+    ``thinking`` and ``reasoning_effort`` are not read here.
     Unsupported parameters must already have been refused or dropped by the caller.
     Raises :class:`InvalidRequestError` naming the offending param.
     """
@@ -198,7 +288,9 @@ def to_anthropic(body: dict[str, Any], *, max_tokens: int) -> tuple[dict[str, An
         elif role == "user":
             add("user", _blocks(message.get("content"), where))
         elif role == "assistant":
-            blocks = _blocks(message.get("content"), where, text_only=True)
+            thinking_blocks = message.get("thinking_blocks")
+            blocks = _thinking_blocks(thinking_blocks, where) if thinking_blocks else []
+            blocks += _blocks(message.get("content"), where, text_only=True)
             for j, tool_call in enumerate(message.get("tool_calls") or ()):
                 blocks.append(_tool_use_block(tool_call, f"{where}.tool_calls[{j}]"))
             add("assistant", blocks)
@@ -231,13 +323,15 @@ def to_anthropic(body: dict[str, Any], *, max_tokens: int) -> tuple[dict[str, An
     if system:
         out["system"] = system[0]["text"] if len(system) == 1 and len(system[0]) == 2 else system
     out["messages"] = turns
-    out["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or max_tokens
+    out["max_tokens"] = request_max_tokens(body, max_tokens)
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    for name in ("temperature", "top_p", "top_k", "thinking"):
+    for name in ("temperature", "top_p", "top_k"):
         if body.get(name) is not None:
             out[name] = body[name]
+    if thinking is not None:
+        out["thinking"] = thinking
     if isinstance(body.get("user"), str) and body["user"]:
         out["metadata"] = {"user_id": body["user"]}
     if body.get("stream"):
@@ -251,6 +345,13 @@ def to_anthropic(body: dict[str, Any], *, max_tokens: int) -> tuple[dict[str, An
         tools.append({"name": mode.tool, "description": _JSON_TOOL_DESCRIPTION, "input_schema": schema})
         if choice is None or choice.get("type") == "auto":
             choice = {"type": "tool", "name": mode.tool} if len(tools) == 1 else {"type": "any"}
+    if choice is not None and choice["type"] in ("any", "tool") and thinking_enabled(thinking):
+        param = "response_format" if json_mode is not None else "tool_choice"
+        raise InvalidRequestError(
+            f"'{param}' forces a tool call, which Anthropic does not allow with extended thinking "
+            "(turn thinking off, or let the model choose its tools)",
+            param=param,
+        )
     if body.get("parallel_tool_calls") is False and tools:
         choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
     if tools:
@@ -258,6 +359,35 @@ def to_anthropic(body: dict[str, Any], *, max_tokens: int) -> tuple[dict[str, An
         if choice is not None:
             out["tool_choice"] = choice
     return out, json_mode[0] if json_mode else None
+
+
+def _thinking_blocks(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``thinking_blocks``, unchanged; thinking blocks without a signature
+    (not from Anthropic, e.g. made from another backend's ``reasoning_content``) are dropped."""
+    if not isinstance(value, list):
+        raise InvalidRequestError(f"'{where}.thinking_blocks' must be an array", param=f"{where}.thinking_blocks")
+    blocks: list[dict[str, Any]] = []
+    for j, block in enumerate(value):
+        param = f"{where}.thinking_blocks[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "thinking":
+            assert isinstance(block, dict)
+            signature = block.get("signature")
+            if not signature:
+                continue  # Anthropic refuses a thinking block it cannot verify
+            if not isinstance(signature, str) or not isinstance(block.get("thinking"), str):
+                raise InvalidRequestError(f"'{param}': 'thinking' and 'signature' must be strings", param=param)
+            blocks.append(block)
+        elif kind == "redacted_thinking":
+            assert isinstance(block, dict)
+            if not isinstance(block.get("data"), str) or not block["data"]:
+                raise InvalidRequestError(f"'{param}.data' must be a non-empty string", param=f"{param}.data")
+            blocks.append(block)
+        else:
+            raise InvalidRequestError(
+                f"'{param}.type' must be 'thinking' or 'redacted_thinking'", param=f"{param}.type"
+            )
+    return blocks
 
 
 def _blocks(content: Any, where: str, *, text_only: bool = False) -> list[dict[str, Any]]:
@@ -410,6 +540,7 @@ def from_anthropic(
     """An Anthropic message as an OpenAI ``chat.completion``; also returns its usage and finish_reason."""
     texts: list[str] = []
     thinking: list[str] = []
+    thinking_blocks: list[dict[str, Any]] = []
     tool_calls: list[dict[str, Any]] = []
     json_answer: str | None = None
     for block in data.get("content") or ():
@@ -432,6 +563,9 @@ def from_anthropic(
             )
         elif kind == "thinking":
             thinking.append(block.get("thinking") or "")
+            thinking_blocks.append(block)
+        elif kind == "redacted_thinking":
+            thinking_blocks.append(block)
     finish = FINISH_REASONS.get(str(data.get("stop_reason")), "stop")
     if json_answer is not None:
         content: str | None = json_answer
@@ -450,6 +584,7 @@ def from_anthropic(
         usage=usage,
         tool_calls=tool_calls or None,
         reasoning="".join(thinking) or None,
+        thinking_blocks=thinking_blocks or None,
     )
     return response, usage, finish
 
@@ -458,7 +593,8 @@ class AnthropicToOpenAIStream:
     """Anthropic's stream events (parsed JSON) in, OpenAI chunk frames out, one event at a time.
 
     ``feed`` returns the frame for one event (or None); after ``message_stop``, ``finish`` returns
-    the closing frames (usage chunk when asked, ``[DONE]``). Holds only per-block bookkeeping.
+    the closing frames (usage chunk when asked, ``[DONE]``). Holds only per-block bookkeeping, and
+    the open thinking block's text (sent again, whole, with its signature when the block ends).
     """
 
     __slots__ = (
@@ -466,6 +602,8 @@ class AnthropicToOpenAIStream:
         "_json_block",
         "_json_buffer",
         "_output_counted",
+        "_thinking",
+        "_thinking_block",
         "_tools",
         "_writer",
         "alias",
@@ -485,6 +623,8 @@ class AnthropicToOpenAIStream:
         self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
         self._json_block = -1
         self._json_buffer: list[str] | None = None
+        self._thinking_block = -1  # index of the open thinking / redacted_thinking block
+        self._thinking: dict[str, Any] = {}  # that block as it builds up (its text as a list of pieces)
         self.usage = Usage()
         self.finish_reason: str | None = None
         self.model: str | None = None
@@ -532,8 +672,14 @@ class AnthropicToOpenAIStream:
             if dtype == "thinking_delta":
                 thinking = delta.get("thinking") or ""
                 self._chars += len(thinking)
+                if event["index"] == self._thinking_block:
+                    self._thinking["thinking"].append(thinking)
                 return writer.reasoning(thinking)
-            return None  # signature_delta, citations_delta
+            if dtype == "signature_delta":
+                if event["index"] == self._thinking_block:
+                    self._thinking["signature"] = delta.get("signature") or ""
+                return None
+            return None  # citations_delta
         if kind == "content_block_start" and writer is not None:
             block = event["content_block"]
             btype = block.get("type")
@@ -551,10 +697,24 @@ class AnthropicToOpenAIStream:
                 return start
             if btype == "text" and block.get("text") and self.json_mode is None:
                 return writer.content(block["text"])
-            if btype == "thinking" and block.get("thinking"):
-                return writer.reasoning(block["thinking"])
+            if btype == "thinking":
+                text = block.get("thinking") or ""
+                self._thinking_block = event["index"]
+                self._thinking = {**block, "thinking": [text], "signature": block.get("signature") or ""}
+                return writer.reasoning(text) if text else None
+            if btype == "redacted_thinking":
+                self._thinking_block = event["index"]
+                self._thinking = block
+                return None
             return None
         if kind == "content_block_stop":
+            if event.get("index") == self._thinking_block and writer is not None:
+                block = self._thinking
+                if block.get("type") == "thinking":
+                    block = {**block, "thinking": "".join(block["thinking"])}
+                self._thinking_block = -1
+                self._thinking = {}
+                return writer.delta({"thinking_blocks": [block]})
             if event.get("index") == self._json_block and self._json_buffer is not None and writer is not None:
                 whole = "".join(self._json_buffer)
                 self._json_buffer = None
@@ -620,8 +780,15 @@ class AnthropicToOpenAIStream:
 # =============================================================================================
 
 
-def anthropic_to_openai(body: dict[str, Any], *, require_max_tokens: bool = True) -> dict[str, Any]:
-    """An Anthropic Messages request as an OpenAI chat request. Raises InvalidRequestError naming the param."""
+def anthropic_to_openai(
+    body: dict[str, Any], *, require_max_tokens: bool = True, state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat request. Raises InvalidRequestError naming the param.
+
+    ``state`` (the request's ``ctx.state``) receives what has no place in an OpenAI body: the
+    request's ``thinking`` object under :data:`THINKING_STATE`, and ``True`` under
+    :data:`THINKING_BLOCKS_STATE` when an assistant message got ``thinking_blocks``.
+    """
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("model: Field required", param="model")
@@ -663,9 +830,19 @@ def anthropic_to_openai(body: dict[str, Any], *, require_max_tokens: bool = True
         if not isinstance(content, list):
             raise InvalidRequestError(f"{where}.content: must be a string or an array", param=f"{where}.content")
         if role == "assistant":
-            messages.append(_assistant_message(content, where))
+            assistant = _assistant_message(content, where)
+            if state is not None and "thinking_blocks" in assistant:
+                state[THINKING_BLOCKS_STATE] = True
+            messages.append(assistant)
         else:
             messages.extend(_user_messages(content, where))
+
+    thinking = body.get("thinking")
+    if thinking is not None:
+        if not isinstance(thinking, dict) or not isinstance(thinking.get("type"), str):
+            raise InvalidRequestError("thinking: must be an object with a 'type'", param="thinking")
+        if state is not None:
+            state[THINKING_STATE] = thinking  # not in the OpenAI body: only the anthropic provider reads it
 
     out: dict[str, Any] = {"model": model, "messages": messages}
     if max_tokens is not None:
@@ -790,6 +967,7 @@ def _user_messages(content: list[Any], where: str) -> list[dict[str, Any]]:
 def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    thinking_blocks: list[dict[str, Any]] = []
     for j, block in enumerate(content):
         param = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -808,7 +986,8 @@ def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
                 }
             )
         elif kind in ("thinking", "redacted_thinking"):
-            continue  # only Anthropic can verify thinking signatures; other backends cannot use them
+            assert isinstance(block, dict)
+            thinking_blocks.append(block)  # for the anthropic provider; stripped for the others
         else:
             raise InvalidRequestError(f"{param}: block type {kind!r} is not supported here", param=param)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
@@ -816,6 +995,8 @@ def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
         message["tool_calls"] = tool_calls
     elif message["content"] is None:
         message["content"] = ""
+    if thinking_blocks:
+        message["thinking_blocks"] = thinking_blocks
     return message
 
 
@@ -873,6 +1054,18 @@ def openai_to_anthropic(response: dict[str, Any], *, request_id: str, model: str
     choice = choices[0]
     message = choice.get("message") or {}
     content: list[dict[str, Any]] = []
+    thinking_blocks = message.get("thinking_blocks")
+    if thinking_blocks and isinstance(thinking_blocks, list):
+        content.extend(
+            block
+            for block in thinking_blocks
+            if isinstance(block, dict) and block.get("type") in ("thinking", "redacted_thinking")
+        )
+    else:
+        reasoning = message.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            # no signature: not from Anthropic (the anthropic provider drops it if it comes back)
+            content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     text = message.get("content")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
@@ -919,17 +1112,23 @@ _MESSAGE_STOP = _event(b"message_stop", b'{"type":"message_stop"}')
 class OpenAIToAnthropicStream:
     """OpenAI chunks (parsed JSON) in, Anthropic's named events out.
 
-    Blocks are opened and closed in order (text, then each tool call), with ``index`` counting from
-    0 as Anthropic does; ``[DONE]`` becomes ``message_delta`` (stop reason and usage) and ``message_stop``.
+    Blocks are opened and closed in the order their deltas come (thinking, text, each tool call),
+    with ``index`` counting from 0 as Anthropic does: ``reasoning_content`` deltas open a thinking
+    block (``thinking_delta`` events); a ``thinking_blocks`` delta (the anthropic provider's, when a
+    block ended) sends the thinking block's signature as ``signature_delta`` and closes it, or is a
+    ``redacted_thinking`` block of its own. ``[DONE]`` becomes ``message_delta`` (stop reason and
+    usage) and ``message_stop``.
     """
 
     __slots__ = (
         "_block",
         "_block_kind",
+        "_delta_head",
         "_last_id",
         "_last_tool",
         "_started",
         "_text_prefix",
+        "_thinking_prefix",
         "_tool_blocks",
         "_tool_prefix",
         "estimated_input",
@@ -950,8 +1149,10 @@ class OpenAIToAnthropicStream:
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool index -> Anthropic block index
         self._last_tool = -1
         self._last_id: Any = None
+        self._delta_head = b""  # a content_block_delta event for the open block, up to the delta's type
         self._text_prefix = b""
         self._tool_prefix = b""
+        self._thinking_prefix = b""
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.text_chars = 0
@@ -974,13 +1175,17 @@ class OpenAIToAnthropicStream:
         out = self._close()
         self._block += 1
         self._block_kind = kind
-        index = str(self._block).encode()
-        self._text_prefix = (
+        head = self._delta_head = (
             b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
-            + index
-            + b',"delta":{"type":"text_delta","text":'
+            + str(self._block).encode()
+            + b',"delta":{"type":'
         )
-        self._tool_prefix = self._text_prefix.replace(b'"text_delta","text":', b'"input_json_delta","partial_json":')
+        if kind == "text":
+            self._text_prefix = head + b'"text_delta","text":'
+        elif kind == "tool":
+            self._tool_prefix = head + b'"input_json_delta","partial_json":'
+        elif kind == "thinking":
+            self._thinking_prefix = head + b'"thinking_delta","thinking":'
         payload = {"type": "content_block_start", "index": self._block, "content_block": block}
         return out + _event(b"content_block_start", orjson.dumps(payload))
 
@@ -1002,6 +1207,12 @@ class OpenAIToAnthropicStream:
             return out
         choice = choices[0]
         delta = choice.get("delta") or {}
+        reasoning = delta.get("reasoning_content")
+        if reasoning:
+            out += self._thinking_text(reasoning)
+        thinking_blocks = delta.get("thinking_blocks")
+        if thinking_blocks:
+            out += self._thinking_blocks(thinking_blocks)
         text = delta.get("content")
         if text:
             if self._block_kind != "text":
@@ -1038,6 +1249,34 @@ class OpenAIToAnthropicStream:
                 out += prefix + orjson.dumps(arguments) + b"}}\n\n"
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
+        return out
+
+    def _thinking_text(self, text: str) -> bytes:
+        out = b""
+        if self._block_kind != "thinking":
+            out = self._open({"type": "thinking", "thinking": "", "signature": ""}, "thinking")
+        self.text_chars += len(text)
+        return out + self._thinking_prefix + orjson.dumps(text) + b"}}\n\n"
+
+    def _thinking_blocks(self, blocks: Any) -> bytes:
+        """Complete thinking blocks: a thinking block's signature ends the open thinking block (one
+        is opened, with the block's text, when its text did not come as ``reasoning_content``)."""
+        out = b""
+        for block in blocks if isinstance(blocks, list) else ():
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "thinking":
+                if self._block_kind != "thinking":
+                    text = block.get("thinking")
+                    out += self._open({"type": "thinking", "thinking": "", "signature": ""}, "thinking")
+                    if isinstance(text, str) and text:
+                        out += self._thinking_text(text)
+                signature = block.get("signature")
+                if isinstance(signature, str) and signature:
+                    out += self._delta_head + b'"signature_delta","signature":' + orjson.dumps(signature) + b"}}\n\n"
+                out += self._close()
+            elif kind == "redacted_thinking":
+                out += self._open({"type": "redacted_thinking", "data": str(block.get("data") or "")}, "redacted")
+                out += self._close()
         return out
 
     def finish(self) -> bytes:

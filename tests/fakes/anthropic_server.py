@@ -3,12 +3,18 @@ and ``POST /v1/messages/count_tokens``, the ``x-api-key`` and ``anthropic-versio
 bodies ``{"type": "error", "error": {"type", "message"}, "request_id"}`` with Anthropic's statuses
 (529 overloaded included), ``anthropic-ratelimit-*`` and ``request-id`` headers, and streams of
 named SSE events exactly as documented (message_start, content_block_start / delta / stop with
-text_delta, input_json_delta and thinking_delta, ping, message_delta, message_stop, error).
+text_delta, input_json_delta, thinking_delta and signature_delta, redacted_thinking blocks whole in
+their content_block_start, ping, message_delta, message_stop, error).
 
 It also checks what the real API checks and a translator can get wrong: required ``model`` /
 ``max_tokens`` / ``messages``, roles limited to user / assistant (``system`` is top-level), no empty
 text blocks, temperature ≤ 1, ``tool_choice`` only with tools, object ``input_schema``, and that each
 ``tool_use`` is answered by a ``tool_result`` in the next user turn (and no result without its use).
+Extended thinking: a ``thinking`` object of type enabled (``budget_tokens`` ≥ 1024 and below
+``max_tokens``), disabled or adaptive; with thinking on, temperature other than 1, ``top_k`` and a
+forced ``tool_choice`` are refused, and an assistant turn answered by tool results must start with
+its thinking blocks; thinking blocks sent back must carry a signature this fake issued for exactly
+that text (:data:`SIGNATURES`), redacted ones data it issued.
 
 Behaviour is scripted by model name:
 
@@ -20,6 +26,8 @@ Behaviour is scripted by model name:
   :data:`FORCED_INPUT` (or ``{"value": [...]}`` when the schema has only a ``value`` property).
 * ``max-tokens``: a cut answer with ``max_tokens``; ``stop-seq``: ``stop_sequence`` (the first one sent).
 * ``thinking``: a thinking block (with signature) before the text.
+* ``thinking-tools``: a thinking block, a redacted_thinking block, a text block and a
+  ``get_weather`` tool_use (:data:`THINKING_TOOL_BLOCKS`).
 * ``status-<code>``: that status with Anthropic's error body (429 carries ``retry-after: 7``; 529 is
   ``overloaded_error``).
 * ``mid-error``: a stream that sends an ``overloaded_error`` event after its first text delta.
@@ -44,6 +52,21 @@ ANSWER = "The quick brown fox jumps over the lazy dog."
 TOOL_INPUT = {"city": "Paris", "unit": "c"}
 TOOL_INPUT_PIECES = ["", '{"city"', ': "Par', 'is", "unit"', ': "c"}']
 FORCED_INPUT = {"city": "Paris", "population": 2102650}
+THINKING = {"type": "thinking", "thinking": "The user wants a pangram.", "signature": "sig_fake"}
+TOOL_THINKING = {
+    "type": "thinking",
+    "thinking": "The user asks for the weather in Paris: get_weather answers that.",
+    "signature": "EqQBCkgIARABGAIiQFake+Signature/For+The/Weather==",
+}
+REDACTED = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4aFakeRedactedThinking=="}
+THINKING_TOOL_BLOCKS: list[dict[str, Any]] = [
+    TOOL_THINKING,
+    REDACTED,
+    {"type": "text", "text": "Let me check the weather."},
+    {"type": "tool_use", "id": "toolu_01T", "name": "get_weather", "input": TOOL_INPUT},
+]
+#: signature -> the thinking text it was issued for (what the real API verifies cryptographically)
+SIGNATURES = {block["signature"]: block["thinking"] for block in (THINKING, TOOL_THINKING)}
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -174,6 +197,8 @@ class FakeAnthropic(FakeServer):
                 None,
                 usage,
             )
+        if model == "thinking-tools":
+            return [dict(block) for block in THINKING_TOOL_BLOCKS], "tool_use", None, usage
         if model == "two-tools":
             return (
                 [
@@ -193,7 +218,7 @@ class FakeAnthropic(FakeServer):
             usage = {**usage, "input_tokens": 8, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}
         blocks: list[dict[str, Any]] = [{"type": "text", "text": ANSWER}]
         if model == "thinking":
-            blocks.insert(0, {"type": "thinking", "thinking": "The user wants a pangram.", "signature": "sig_fake"})
+            blocks.insert(0, dict(THINKING))
         return blocks, "end_turn", None, usage
 
     async def _stream(
@@ -229,6 +254,8 @@ class FakeAnthropic(FakeServer):
                     start: dict[str, Any] = {"type": "text", "text": ""}
                 elif kind == "thinking":
                     start = {"type": "thinking", "thinking": "", "signature": ""}
+                elif kind == "redacted_thinking":
+                    start = block  # arrives whole, without deltas
                 else:
                     start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
                 await event(
@@ -254,6 +281,8 @@ class FakeAnthropic(FakeServer):
                     await event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
                     delta = {"type": "signature_delta", "signature": block["signature"]}
                     await event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+                elif kind == "redacted_thinking":
+                    pass
                 else:
                     pieces = (
                         TOOL_INPUT_PIECES
@@ -332,6 +361,9 @@ def _validate(body: dict[str, Any], *, count_tokens: bool) -> None:
     choice = body.get("tool_choice") or {}
     if choice.get("type") == "tool" and choice.get("name") not in {t["name"] for t in tools}:
         raise Invalid(f"tool_choice.name: tool {choice.get('name')!r} not found in tools")
+    thinking = _validate_thinking(body, count_tokens=count_tokens)
+    if thinking and choice.get("type") in ("any", "tool"):
+        raise Invalid("Thinking may not be enabled when tool_choice forces tool use.")
     pending: set[str] = set()
     for i, message in enumerate(messages):
         role = message.get("role")
@@ -356,9 +388,21 @@ def _validate(body: dict[str, Any], *, count_tokens: bool) -> None:
                 + ", ".join(sorted(str(r) for r in results - pending))
                 + ". Each `tool_result` block must have a corresponding `tool_use` block in the previous message."
             )
+        if thinking and results and i > 0 and i == len(messages) - 1:
+            first = messages[i - 1]["content"][0] if isinstance(messages[i - 1]["content"], list) else {}
+            if first.get("type") not in ("thinking", "redacted_thinking"):
+                raise Invalid(
+                    f"messages.{i - 1}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                    f"`{first.get('type', 'text')}`. When `thinking` is enabled, a final `assistant` message must "
+                    "start with a thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+                )
         pending = set()
         for j, block in enumerate(blocks):
             kind = block.get("type")
+            if kind == "thinking" and SIGNATURES.get(block.get("signature")) != block.get("thinking"):
+                raise Invalid(f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block")
+            if kind == "redacted_thinking" and block.get("data") != REDACTED["data"]:
+                raise Invalid(f"messages.{i}.content.{j}: Invalid `data` in `redacted_thinking` block")
             if kind == "text" and not block.get("text"):
                 raise Invalid(f"messages.{i}.content.{j}.text: text content blocks must be non-empty")
             if kind == "tool_use":
@@ -373,3 +417,27 @@ def _validate(body: dict[str, Any], *, count_tokens: bool) -> None:
                     raise Invalid(f"messages.{i}.content.{j}.source: Input tag does not match 'base64' or 'url'")
     if pending:
         raise Invalid("messages: the last assistant turn has tool_use blocks without results")
+
+
+def _validate_thinking(body: dict[str, Any], *, count_tokens: bool) -> bool:
+    """The checks on ``thinking``; whether thinking is on."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return False
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "disabled":
+        return False
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < 1024:
+            raise Invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+        if not count_tokens and budget >= body["max_tokens"]:
+            raise Invalid("`max_tokens` must be greater than `thinking.budget_tokens`.")
+    elif kind != "adaptive":
+        raise Invalid("thinking: Input tag does not match any of the expected tags: 'enabled', 'disabled', 'adaptive'")
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise Invalid("`temperature` may only be set to 1 when thinking is enabled.")
+    if body.get("top_k") is not None:
+        raise Invalid("`top_k` must be unset when thinking is enabled.")
+    return True

@@ -4,6 +4,9 @@ status codes and headers), scripted per upstream model name so tests can pick a 
 * ``gpt-ok`` (or anything unlisted): a normal answer; usage included (streams: with include_usage).
 * ``no-usage``: like gpt-ok but never sends usage (as many OpenAI-compatible servers do).
 * ``tools``: answers with a tool call (streamed as OpenAI does: id and name once, then argument pieces).
+* ``reasoning``: a reasoning model of the DeepSeek / vLLM kind: the answer carries
+  ``reasoning_content`` (:data:`REASONING`) besides the content; streams send it as
+  ``reasoning_content`` deltas before the content deltas.
 * ``status-<code>``: fails with that status and an OpenAI error body (429 carries Retry-After: 1).
 * ``flaky-<code>``: fails with <code> on the first call per test, then answers normally.
 * ``cut``: a stream that stops after two chunks without [DONE] (the connection just ends).
@@ -30,6 +33,7 @@ from tests.fakes.asgi import FakeServer, Request, end_body, send_event, send_jso
 from tests.fakes.asgi import Recorded as Recorded
 
 ANSWER = "The quick brown fox jumps over the lazy dog."
+REASONING = "A pangram uses every letter; the fox one is the classic."
 
 
 @dataclass
@@ -143,6 +147,8 @@ class FakeOpenAI(FakeServer):
                     ],
                 }
                 finish = "tool_calls"
+            elif model == "reasoning":
+                message["reasoning_content"] = REASONING
             out = {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
@@ -225,6 +231,12 @@ class FakeOpenAI(FakeServer):
                     ],
                 }
             )
+            if model == "reasoning":
+                for i, word in enumerate(REASONING.split(" ")):
+                    delta = {"content": None, "reasoning_content": word if i == 0 else " " + word}
+                    chunks.append(
+                        {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                    )
             for word in ANSWER.split(" "):
                 chunks.append(
                     {
