@@ -463,12 +463,41 @@ def test_cli_db_migrate_status_and_cleanup(tmp_path: Path) -> None:
     assert "rolled back 0002" in back.stdout
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize("priority", ["idle", "low", "normal"])
+async def test_the_writer_process_gives_the_cpu_to_the_server_first(
+    serve_gateway: GatewayFactory, priority: str
+) -> None:
+    """``[database.write_behind] priority``: by default the SQLite writer process runs under Linux's
+    SCHED_IDLE policy (what ``ps -o cls`` shows as IDL), ``low`` is nice 19, ``normal`` the server's
+    own priority; the rows are written either way."""
+    toml = f'{DEMO}\n[database.write_behind]\nflush_interval = 0.05\npriority = "{priority}"\n'
+    async with serve_gateway(toml) as url:
+        writer = serve_gateway.gateway.state["storage"].writer  # type: ignore[attr-defined]
+        async with sdk(url) as client:
+            await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+        for _ in range(200):
+            if writer.stats.written:
+                break
+            await asyncio.sleep(0.02)
+        assert writer.stats.written == 1
+        pid = writer.sqlite_process.process.pid
+        policy, nice = os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert (policy, nice) == {
+        "idle": (os.SCHED_IDLE, own),
+        "low": (os.SCHED_OTHER, 19),
+        "normal": (os.SCHED_OTHER, own),
+    }[priority]
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [
         ('url = "redis://x"', "key 'database.url': must start with one of"),
         ("batch_sise = 3", "key 'database.batch_sise': is not a known setting"),
         ("[database.write_behind]\nbatch_size = 0", "key 'database.write_behind.batch_size': must be at least 1"),
+        ('[database.write_behind]\npriority = "high"', "key 'database.write_behind.priority': must be one of"),
         ('[database.retention]\nschedule = "hourly"', "key 'database.retention.schedule': must be a cron expression"),
         ("[database.retention]\nraw_days = 1\nlate_hours = 48", "key 'database.retention.late_hours': must be shorter"),
     ],

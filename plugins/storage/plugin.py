@@ -95,6 +95,7 @@ class StoragePlugin:
             spool_dir=wb.spool_dir,
             timeout=settings.timeout,
             sqlite_process=wb.process,
+            process_priority=wb.priority,
         )
 
     @hookimpl

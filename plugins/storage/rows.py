@@ -10,7 +10,7 @@ SQLite steps; done on a thread of the server, every batch made the event loop wa
 In a process of its own the server's loop never waits for it.
 
 The protocol, on the process's stdin and stdout: one line of JSON first (``path``, ``sql``,
-``busy_timeout``); then per batch ``<size>\n`` and ``size`` bytes (a JSON array of spool-format rows),
+``busy_timeout``, ``priority``: see :func:`lower_priority`); then per batch ``<size>\n`` and ``size`` bytes (a JSON array of spool-format rows),
 answered by one line: ``ok`` or ``E\t<sqlite3 exception class>\t<message>``. End of input ends it.
 """
 
@@ -272,6 +272,27 @@ def write_batch(conn: sqlite3.Connection, sql: str, usage: list[list[Any]], most
     conn.commit()
 
 
+def lower_priority(priority: str) -> None:
+    """Give the CPU to the server first. ``idle``: Linux's SCHED_IDLE policy, the process runs on a
+    CPU that has nothing else to do and a server thread that wakes up takes the CPU from it at once
+    (measured at one connection, 2 cores: p99 0.55-0.7 ms against 1.3-3.2 at normal priority,
+    where a batch being written kept a woken server waiting up to a few ms); ``low``: nice 19;
+    ``normal``: unchanged. Where the policy does not exist (not Linux), ``idle`` is ``low``."""
+    import os
+
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except OSError:
+            pass
+    if priority in ("idle", "low"):
+        try:
+            os.nice(19)
+        except OSError:
+            pass
+
+
 def main() -> None:
     # the server decides when this ends (it closes our input): a Ctrl-C or a SIGTERM sent to the whole
     # process group must not cut a batch in half
@@ -279,6 +300,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     setup = _loads(stdin.readline())
+    lower_priority(setup.get("priority", "normal"))
     conn = _connect(setup["path"], float(setup["busy_timeout"]))
     sql = setup["sql"]
     while True:

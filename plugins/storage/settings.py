@@ -11,6 +11,7 @@ from llmgateway.core.config import GatewayConfig, Section
 
 DEFAULT_URL = "sqlite://llmgateway.db"
 SCHEMES = ("sqlite", "postgres", "postgresql", "asyncpg", "mysql", "mssql", "oracle")
+PRIORITIES = ("idle", "low", "normal")
 
 
 @dataclass(slots=True, frozen=True)
@@ -24,6 +25,9 @@ class WriteBehind:
     # a SQLite file's batches written by a process of their own (writer.SqliteProcess); false: on a
     # thread of the server (~20 MB less, but sqlite3 then holds the server's GIL while binding)
     process: bool = True
+    # that process's CPU priority: "idle" (Linux SCHED_IDLE: it runs when a CPU has nothing else to
+    # do, so serving requests never waits for it), "low" (nice 19), "normal"
+    priority: str = "idle"
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +115,7 @@ def _write_behind(s: Section, base: Path) -> WriteBehind:
         queue_size=s.integer("queue_size", d.queue_size, minimum=1),
         spool_dir=str(base / spool) if not os.path.isabs(spool) else spool,
         process=s.boolean("process", d.process),
+        priority=s.choice("priority", PRIORITIES, d.priority),
     )
     s.check_unknown()
     return wb

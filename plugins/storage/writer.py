@@ -107,6 +107,22 @@ def to_row(record: UsageRecord, decision: RoutingDecision | None) -> Row:
     return row
 
 
+#: rows converted or encoded between two turns of the event loop when a batch is prepared
+SLICE = 64
+
+
+async def encode_gently(rows: list[Row]) -> bytes:
+    """``orjson.dumps(rows)``, :data:`SLICE` rows at a time with requests running in between."""
+    if len(rows) <= SLICE:
+        return orjson.dumps(rows)
+    parts: list[bytes] = []
+    for start in range(0, len(rows), SLICE):
+        if start:
+            await asyncio.sleep(0)
+        parts.append(orjson.dumps(rows[start : start + SLICE])[1:-1])
+    return b"[%b]" % b",".join(parts)
+
+
 _STATEMENTS: dict[tuple[str, str], tuple[str, list[Any]]] = {}
 
 
@@ -158,7 +174,17 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
     from .models import UsageRecord
 
     sqlite = db.dialect == "sqlite"
-    usage = row_lists(rows, sqlite)
+    usage: list[list[Any]] = []
+    for start in range(0, len(rows), SLICE):  # a slice at a time, requests running in between
+        if start:
+            await asyncio.sleep(0)
+        usage.extend(row_lists(rows[start : start + SLICE], sqlite))
+    if not sqlite:
+        with db.activate():
+            sql, fields = _statement(db.connection, UsageRecord, USAGE_COLUMNS)
+        for start in range(0, len(usage), SLICE):
+            await asyncio.sleep(0)
+            usage[start : start + SLICE] = [_values(fields, UsageRecord, v) for v in usage[start : start + SLICE]]
 
     async def write() -> None:
         with db.activate():
@@ -166,8 +192,7 @@ async def insert_rows(db: Database, rows: list[Row]) -> None:
                 await _write_sqlite(db.connection, usage)
                 return
             async with in_transaction() as conn:
-                sql, fields = _statement(conn, UsageRecord, USAGE_COLUMNS)
-                await conn.execute_many(sql, [_values(fields, UsageRecord, v) for v in usage])
+                await conn.execute_many(sql, usage)
 
     # A task of its own: when the connection dies mid-transaction, Tortoise can leave the failed
     # transaction as "the connection" in the context of the task that ran it; that must not be the
@@ -201,8 +226,9 @@ class SqliteProcess:
     the spool's replay: rows already present are skipped. An error SQLite raised comes back as the
     same sqlite3 exception class, so the writer tells a busy database from a refused row as before."""
 
-    def __init__(self, path: str, sql: str, busy_timeout: float) -> None:
-        self.setup = orjson.dumps({"path": path, "sql": sql, "busy_timeout": busy_timeout}) + b"\n"
+    def __init__(self, path: str, sql: str, busy_timeout: float, priority: str = "idle") -> None:
+        setup = {"path": path, "sql": sql, "busy_timeout": busy_timeout, "priority": priority}
+        self.setup = orjson.dumps(setup) + b"\n"
         self.process: asyncio.subprocess.Process | None = None
         self._killed: list[asyncio.subprocess.Process] = []
         self._lock = asyncio.Lock()  # one batch at a time: answers are matched to batches by order
@@ -226,10 +252,10 @@ class SqliteProcess:
             await self._insert(rows)
 
     async def _insert(self, rows: list[Row]) -> None:
+        payload = await encode_gently(rows)
         process = self.process or await self._start()
         assert process.stdin is not None
         assert process.stdout is not None
-        payload = orjson.dumps(rows)
         try:
             process.stdin.write(b"%d\n%b" % (len(payload), payload))
             await process.stdin.drain()
@@ -421,9 +447,11 @@ class UsageWriter:
         spool_dir: str = "llmgateway-spool",
         timeout: float = 5.0,
         sqlite_process: bool = True,
+        process_priority: str = "idle",
     ) -> None:
         self.db = db
         self.use_process = sqlite_process
+        self.process_priority = process_priority
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.queue_size = queue_size
@@ -478,6 +506,22 @@ class UsageWriter:
         count = min(limit, len(queue))
         return [to_row(*queue.popleft()) for _ in range(count)]
 
+    async def _drain_gently(self, limit: int) -> list[Row]:
+        """:meth:`_drain` a slice at a time, letting requests run in between: a batch of 500 rows
+        built at once held the event loop ~1 ms, and a request arriving meanwhile waited for it.
+        Rows taken off the queue go to the spool if this task is cancelled halfway."""
+        rows: list[Row] = []
+        queue = self.queue
+        try:
+            while queue and len(rows) < limit:
+                rows.extend(to_row(*queue.popleft()) for _ in range(min(SLICE, limit - len(rows), len(queue))))
+                if queue and len(rows) < limit:
+                    await asyncio.sleep(0)
+        except BaseException:
+            self.stats.spooled += self.spool.write(rows, sync=True)
+            raise
+        return rows
+
     # ---- background ----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -487,7 +531,9 @@ class UsageWriter:
 
             with self.db.activate():
                 sql, _ = _statement(self.db.connection, UsageRecord, USAGE_COLUMNS)
-            self.sqlite_process = SqliteProcess(path, sql, busy_timeout=max(0.05, self.timeout * 0.8))
+            self.sqlite_process = SqliteProcess(
+                path, sql, busy_timeout=max(0.05, self.timeout * 0.8), priority=self.process_priority
+            )
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="llmgateway-storage-writer")
 
@@ -538,7 +584,7 @@ class UsageWriter:
         """Write queued rows in batches until at most ``keep`` are left; False when a write failed
         (then everything queued is in the spool)."""
         while len(self.queue) > keep:
-            rows = self._drain(self.batch_size)
+            rows = self._drain(self.batch_size) if final else await self._drain_gently(self.batch_size)
             if not await self._write(rows):
                 self._spool_queue()
                 return False
