@@ -22,7 +22,7 @@ from llmgateway.core.config import parse_config
 from llmgateway.core.types import Principal
 from llmgateway.plugins.storage.database import Database
 from llmgateway.plugins.storage.plugin import StoragePlugin
-from llmgateway.plugins.storage.sql import fetch
+from llmgateway.plugins.storage.sql import execute, fetch
 from llmgateway.plugins.storage.writer import Spool, UsageWriter, to_row
 from tests.test_storage_support import database_url, decision, opened, record
 
@@ -244,3 +244,36 @@ async def test_a_flush_cancelled_while_preparing_a_batch_loses_no_row(tmp_path: 
         with db.activate():
             rows = await fetch(db, "SELECT request_id FROM usage_records ORDER BY request_id")
         assert [r["request_id"] for r in rows] == [f"req_{i:05d}" for i in range(500)]
+
+
+async def test_rows_for_a_usage_table_of_another_version_wait_in_the_spool(db: Database, tmp_path: Path) -> None:
+    """A rolling upgrade: this version's rows have a column the usage table lacks (its migration is
+    not applied yet). The rows are not the problem: none is set aside as refused, they wait in the
+    spool, and once the column exists they are all written, once."""
+    with db.activate():
+        await execute(db, "ALTER TABLE usage_records DROP COLUMN outcome")
+    spool = tmp_path / "spool"
+    writer = UsageWriter(db, batch_size=50, flush_interval=0.02, spool_dir=str(spool))
+    writer.schema_retry = 0.1
+    with db.activate():
+        writer.start()
+    try:
+        for i in range(120):
+            writer.put(record(f"req_{i:05d}", principal=KEY), decision() if i % 2 else None)
+        for _ in range(250):
+            if writer.stats.spooled >= 120:
+                break
+            await asyncio.sleep(0.02)
+        assert writer.stats.spooled >= 120
+        assert writer.schema_mismatch
+        assert writer.stats.rejected == 0
+        assert not list(spool.glob("rejected-*"))
+        assert await count_rows(db) == 0
+        with db.activate():
+            await execute(db, "ALTER TABLE usage_records ADD COLUMN outcome VARCHAR(64)")
+        assert await wait_for_rows(db, 120) == 120
+    finally:
+        await writer.stop()
+    assert writer.stats.rejected == 0
+    assert writer.stats.written + writer.stats.replayed == 120
+    assert writer.spool.pending_rows() == 0

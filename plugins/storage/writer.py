@@ -109,6 +109,8 @@ def to_row(record: UsageRecord, decision: RoutingDecision | None) -> Row:
 
 #: rows converted or encoded between two turns of the event loop when a batch is prepared
 SLICE = 64
+#: seconds between two tries while the usage table does not match this version (a rolling upgrade)
+SCHEMA_RETRY = 10.0
 
 
 async def encode_gently(rows: list[Row]) -> bytes:
@@ -301,6 +303,22 @@ class SqliteProcess:
         await self._reap()
 
 
+#: what SQLite and PostgreSQL say when a table or column the rows need is not there (SQLSTATE
+#: 42P01 / 42703 on PostgreSQL)
+_SCHEMA_TROUBLE = ("no such table", "no such column", "has no column named", "does not exist")
+
+
+def _schema_trouble(exc: BaseException) -> bool:
+    """The usage table does not match this version's rows: a migration this version needs is not
+    applied yet, or a newer version applied one (a rolling upgrade). Not the rows' fault: they are
+    spooled and written once the schema matches, never set aside."""
+    cause = exc.__cause__
+    if getattr(cause, "sqlstate", None) in ("42P01", "42703"):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _SCHEMA_TROUBLE)
+
+
 def _transport_trouble(exc: BaseException) -> bool:
     """A failure of the connection or of time (the database is down or slow), not of the rows."""
     from tortoise.exceptions import DBConnectionError
@@ -460,6 +478,10 @@ class UsageWriter:
         self.queue: collections.deque[tuple[UsageRecord, RoutingDecision | None]] = collections.deque()
         self.stats = WriterStats()
         self.down_since: float | None = None
+        # the last failure was the schema's (see _schema_trouble): retried every SCHEMA_RETRY seconds
+        self.schema_mismatch = False
+        self.schema_retry = SCHEMA_RETRY
+        self._retry_at = 0.0
         self.late_hours: set[int] = set()  # hours that received replayed rows (rollups recompute them)
         self._wake: asyncio.Event | None = None
         self.sqlite_process: SqliteProcess | None = None  # a SQLite file's writes, once started
@@ -572,8 +594,12 @@ class UsageWriter:
         await self.flush(final=True)
 
     async def flush(self, *, final: bool = False) -> None:
-        """Write every queued row (in batches); spool them while the database is down."""
+        """Write every queued row (in batches); spool them while the database is down (or its usage
+        table does not match: then tried again every ``schema_retry`` seconds)."""
         if self.down_since is not None:
+            if self.schema_mismatch and time.monotonic() < self._retry_at and not final:
+                self._spool_queue()
+                return
             if not await self._database_back():
                 self._spool_queue()
                 return
@@ -601,17 +627,23 @@ class UsageWriter:
         """Insert ``rows``; the error when that failed. A batch the database refuses while it
         answers (a row it will never take) is split until the refused rows are alone: those are
         set aside (:meth:`Spool.reject`), the rest written. Returns an error only when the database
-        itself is in trouble (down, slow): then nothing of ``rows`` was set aside."""
+        itself is in trouble (down, slow, its usage table not this version's): then nothing of
+        ``rows`` was set aside."""
         try:
             async with asyncio.timeout(self.timeout):
                 if self.sqlite_process is not None:
                     await self.sqlite_process.insert(rows)
                 else:
                     await insert_rows(self.db, rows)
+            self.schema_mismatch = False
             return None
         except Exception as exc:
             if _transport_trouble(exc):
                 self.db.reset()
+                return exc
+            if _schema_trouble(exc):
+                self.schema_mismatch = True
+                self._retry_at = time.monotonic() + self.schema_retry
                 return exc
             if not await self._answers():  # (resets the pool itself)
                 return exc
@@ -650,12 +682,23 @@ class UsageWriter:
             self.stats.spooled += self.spool.write(rows, sync=True)
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                log.error(
-                    "usage rows could not be written (%s: %s); spooling to %s until the database answers",
-                    type(exc).__name__,
-                    exc,
-                    self.spool.dir,
-                )
+                if self.schema_mismatch:
+                    log.error(
+                        "the usage table does not match this version of llmgateway (%s: %s): a migration is "
+                        "pending, or a newer version applied one; rows are spooled to %s and written once it "
+                        "matches (retried every %.0f s)",
+                        type(exc).__name__,
+                        exc,
+                        self.spool.dir,
+                        self.schema_retry,
+                    )
+                else:
+                    log.error(
+                        "usage rows could not be written (%s: %s); spooling to %s until the database answers",
+                        type(exc).__name__,
+                        exc,
+                        self.spool.dir,
+                    )
             return False
         self.stats.written += len(rows) - (self.stats.rejected - rejected)
         self.stats.batches += 1
@@ -668,9 +711,10 @@ class UsageWriter:
             log.debug("database still unreachable: %s: %s", type(exc).__name__, exc)
             self.db.reset()
             return False
-        log.warning(
-            "database answers again after %.1f s; replaying the spool", time.monotonic() - (self.down_since or 0)
-        )
+        if not self.schema_mismatch:  # (a schema retry: the database answered all along)
+            log.warning(
+                "database answers again after %.1f s; replaying the spool", time.monotonic() - (self.down_since or 0)
+            )
         self.down_since = None
         return True
 
