@@ -21,7 +21,17 @@ from llmgateway.core.errors import ConfigError
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.types import Attempt, RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
-from tests.fakes.cohere_server import ANSWER, API_KEY, JSON_ANSWER, THINKING, TOOL_PLAN, FakeCohere, Recorded
+from tests.fakes.cohere_server import (
+    ANSWER,
+    API_KEY,
+    JSON_ANSWER,
+    THINKING,
+    TOOL_PLAN,
+    FakeCohere,
+    Recorded,
+    answer_chunks,
+    logprob_item,
+)
 from tests.servers import running
 
 MODELS = [
@@ -160,6 +170,19 @@ async def test_cohere_sdk_accepts_the_fake(fake_cohere: tuple[FakeCohere, str]) 
         assert text == ANSWER
         assert kinds[0] == "message-start"
         assert kinds[-1] == "message-end"
+
+        scored = await client.chat(model="command-ok", messages=[{"role": "user", "content": "Hi"}], logprobs=True)
+        assert scored.logprobs is not None
+        assert "".join(item.text or "" for item in scored.logprobs) == ANSWER
+        assert all(len(item.token_ids) == len(item.logprobs or ()) for item in scored.logprobs)
+        pieces = [
+            event.logprobs.text or ""
+            async for event in client.chat_stream(
+                model="command-ok", messages=[{"role": "user", "content": "Hi"}], logprobs=True
+            )
+            if event.type == "content-delta" and event.logprobs is not None
+        ]
+        assert "".join(pieces) == ANSWER
 
         tools = await client.chat(
             model="tools",
@@ -515,6 +538,32 @@ async def test_a_stream_that_fails_midway_is_an_error(
             await collect_text(stream, pieces)
     assert "".join(pieces)  # the first words arrived before the error
     assert says in caught.value.message
+
+
+async def test_logprobs_plain_and_streamed(fake_cohere: tuple[FakeCohere, str], serve_gateway: GatewayFactory) -> None:
+    """``logprobs`` reaches Cohere; each text chunk it scores comes back as one OpenAI logprobs
+    entry (its text, the sum of its tokens' log probabilities, its bytes), plain and per streamed
+    chunk. ``top_logprobs`` asks for alternatives Cohere does not give: a 400 naming it."""
+    fake, url = fake_cohere
+    hi: Any = [{"role": "user", "content": "Hi"}]
+    async with serve_gateway(config(url)) as gw, sdk(gw) as client:
+        answer = await client.chat.completions.create(model="command-ok", messages=hi, logprobs=True)
+        assert last(fake).body["logprobs"] is True
+        entries: list[Any] = []
+        stream = await client.chat.completions.create(model="command-ok", messages=hi, logprobs=True, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].logprobs is not None:
+                entries.extend(chunk.choices[0].logprobs.content or [])
+        with pytest.raises(openai.BadRequestError) as alternatives:
+            await client.chat.completions.create(model="command-ok", messages=hi, logprobs=True, top_logprobs=2)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.content is not None
+    expected = [(item["text"], sum(item["logprobs"])) for item in map(logprob_item, answer_chunks("command-ok"))]
+    assert [(e.token, e.logprob) for e in logprobs.content] == expected
+    assert [(e.token, e.logprob) for e in entries] == expected
+    assert all(e.bytes == list(e.token.encode()) and e.top_logprobs == [] for e in logprobs.content)
+    assert alternatives.value.param == "top_logprobs"
 
 
 async def test_n_is_refused_unless_dropped(fake_cohere: tuple[FakeCohere, str], serve_gateway: GatewayFactory) -> None:

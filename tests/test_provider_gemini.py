@@ -23,7 +23,16 @@ from llmgateway.core.errors import ConfigError
 from llmgateway.core.hookspecs import hookimpl
 from llmgateway.core.types import RequestContext, Usage, UsageRecord
 from tests.conftest import GatewayFactory, sdk
-from tests.fakes.gemini_server import ANSWER, API_KEY, JSON_ANSWER, SIGNATURE, THOUGHT, FakeGemini, Recorded
+from tests.fakes.gemini_server import (
+    ANSWER,
+    API_KEY,
+    JSON_ANSWER,
+    SIGNATURE,
+    THOUGHT,
+    FakeGemini,
+    Recorded,
+    token_logprob,
+)
 from tests.servers import running
 
 MODELS = [
@@ -134,6 +143,19 @@ async def test_google_genai_sdk_accepts_the_fake(gemini: tuple[FakeGemini, str])
         ]
         assert len(pieces) > 1
         assert "".join(pieces) == ANSWER
+
+        scored = await aio.models.generate_content(
+            model="gemini-ok",
+            contents="Hello",
+            config=genai_types.GenerateContentConfig(response_logprobs=True, logprobs=2),
+        )
+        assert scored.candidates is not None
+        result = scored.candidates[0].logprobs_result
+        assert result is not None
+        assert result.chosen_candidates is not None
+        assert "".join(c.token or "" for c in result.chosen_candidates) == ANSWER
+        assert result.top_candidates is not None
+        assert all(len(step.candidates or []) == 2 for step in result.top_candidates)
 
         tool = await aio.models.generate_content(model="tools", contents="Weather in Paris?")
         assert tool.function_calls is not None
@@ -578,6 +600,45 @@ async def test_a_stream_that_ends_early_is_an_error(
             await collect_text(stream, pieces)
     assert pieces  # the first chunks arrived before the error
     assert ("ended the stream" if model == "cut" else "overloaded") in caught.value.message
+
+
+async def test_logprobs_plain_and_streamed(gemini: tuple[FakeGemini, str], serve_gateway: GatewayFactory) -> None:
+    """``logprobs`` / ``top_logprobs`` reach Gemini as ``responseLogprobs`` / ``logprobs``; its
+    ``logprobsResult`` comes back as OpenAI's: one entry per token with its UTF-8 bytes and the
+    alternatives asked for, in the answer and in every streamed chunk; ``top_logprobs`` alone is a 400."""
+    fake, url = gemini
+    hi: Any = [{"role": "user", "content": "Hi"}]
+    async with serve_gateway(config(url)) as gw, sdk(gw) as client:
+        answer = await client.chat.completions.create(model="gemini-ok", messages=hi, logprobs=True, top_logprobs=2)
+        plain_sent = fake.requests[-1].body["generationConfig"]
+        tokens: list[Any] = []
+        text: list[str] = []
+        stream = await client.chat.completions.create(model="gemini-ok", messages=hi, logprobs=True, stream=True)
+        async for chunk in stream:
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+                if chunk.choices[0].logprobs is not None:
+                    tokens.extend(chunk.choices[0].logprobs.content or [])
+        streamed_sent = fake.requests[-1].body["generationConfig"]
+        with pytest.raises(openai.BadRequestError) as alone:
+            await client.chat.completions.create(model="gemini-ok", messages=hi, top_logprobs=2)
+    assert plain_sent["responseLogprobs"] is True
+    assert plain_sent["logprobs"] == 2
+    assert streamed_sent["responseLogprobs"] is True
+    assert "logprobs" not in streamed_sent
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.content is not None
+    assert "".join(t.token for t in logprobs.content) == ANSWER == answer.choices[0].message.content
+    for entry in logprobs.content:
+        assert entry.logprob == token_logprob(entry.token)
+        assert entry.bytes == list(entry.token.encode())
+        assert entry.top_logprobs[0].token == entry.token
+        assert len(entry.top_logprobs) == 2
+    assert "".join(t.token for t in tokens) == "".join(text) == ANSWER
+    assert all(t.top_logprobs == [] for t in tokens)
+    assert alone.value.param == "top_logprobs"
+    assert len(fake.requests) == 2
 
 
 async def test_unsupported_parameter_is_refused_unless_dropped(

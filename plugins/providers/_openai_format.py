@@ -51,7 +51,18 @@ class ChunkWriter:
         """The first frame: the assistant role with empty content."""
         return self._prefix + b'{"role":"assistant","content":""' + _NULL_FINISH
 
-    def content(self, text: str) -> bytes:
+    def content(self, text: str, logprobs: dict[str, Any] | None = None) -> bytes:
+        """A piece of the answer; ``logprobs`` (OpenAI's choice ``logprobs``, ``{"content": [...]}``)
+        for the tokens of this piece when the client asked for them."""
+        if logprobs is not None:
+            return (
+                self._prefix
+                + b'{"content":'
+                + orjson.dumps(text)
+                + b'},"logprobs":'
+                + orjson.dumps(logprobs)
+                + b',"finish_reason":null}]}\n\n'
+            )
         return self._prefix + b'{"content":' + orjson.dumps(text) + _NULL_FINISH
 
     def reasoning(self, text: str) -> bytes:

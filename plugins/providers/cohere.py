@@ -13,8 +13,11 @@ translation is mostly renaming:
   ``stop`` → ``stop_sequences``, ``top_p`` → ``p``, ``top_k`` → ``k``, ``max_(completion_)tokens``
   → ``max_tokens``; ``temperature``, ``seed`` and the penalties keep their names;
   ``reasoning_effort`` → ``thinking`` (none / minimal: disabled, else a token budget).
-* ``n`` > 1, ``logit_bias``, ``logprobs`` / ``top_logprobs`` are refused (400 naming the
-  parameter) unless ``drop_unsupported_params``.
+* ``logprobs`` → ``logprobs``: Cohere scores text chunks (a few tokens each, with their token ids),
+  so each chunk is one entry of the choice's ``logprobs.content``: the chunk's text as ``token``,
+  the sum of its tokens' log probabilities (the chunk's own) as ``logprob``, no alternatives.
+* ``n`` > 1, ``logit_bias``, ``top_logprobs`` > 0 (Cohere gives no alternatives) are refused (400
+  naming the parameter) unless ``drop_unsupported_params``.
 
 Back: finish reasons COMPLETE / STOP_SEQUENCE → stop, MAX_TOKENS → length, TOOL_CALL →
 tool_calls, ERROR / TIMEOUT → an upstream error; usage from ``usage.billed_units`` (what is paid
@@ -69,6 +72,19 @@ _SAFETY_MODES = ("CONTEXTUAL", "STRICT", "OFF")
 _THINKING_BUDGET = {"none": 0, "minimal": 0, "low": 1024, "medium": 8192, "high": 24576}
 
 
+def openai_logprobs(items: Any) -> dict[str, Any]:
+    """Cohere's ``logprobs`` (text chunks, each with its tokens' log probabilities) as OpenAI's
+    choice ``logprobs``: one entry per chunk, its log probability the sum of its tokens'."""
+    content = []
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, Mapping):
+            continue
+        text = str(item.get("text") or "")
+        logprob = sum(float(x) for x in item.get("logprobs") or ())
+        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []})
+    return {"content": content, "refusal": None}
+
+
 def usage_from(usage: Mapping[str, Any] | None) -> Usage | None:
     """OpenAI-style usage from Cohere's ``usage`` (billed units preferred, raw tokens otherwise)."""
     if not usage:
@@ -101,7 +117,7 @@ class _Stream:
 
 class CohereProvider(Provider):
     capabilities = frozenset({"chat", "chat_stream", "embeddings"})
-    unsupported_params = frozenset({"n", "logit_bias", "logprobs", "top_logprobs"})
+    unsupported_params = frozenset({"n", "logit_bias", "top_logprobs"})
     option_keys = frozenset({"embed_input_type", "safety_mode"})
     default_base_url = "https://api.cohere.com"
 
@@ -202,6 +218,8 @@ class CohereProvider(Provider):
                 raise InvalidRequestError(f"Unknown reasoning_effort {effort!r}", param="reasoning_effort")
             budget = _THINKING_BUDGET[effort]
             payload["thinking"] = {"type": "enabled", "token_budget": budget} if budget else {"type": "disabled"}
+        if body.get("logprobs"):
+            payload["logprobs"] = True
         if self.safety_mode:
             payload["safety_mode"] = self.safety_mode
         return payload
@@ -295,7 +313,7 @@ class CohereProvider(Provider):
             )
         call.usage = usage
         call.finish_reason = finish
-        return chat_completion(
+        out = chat_completion(
             "chatcmpl-" + str(data.get("id") or call.ctx.request_id),
             call.alias,
             content=content,
@@ -304,6 +322,9 @@ class CohereProvider(Provider):
             tool_calls=calls or None,
             reasoning="".join(thoughts) or None,
         )
+        if data.get("logprobs"):
+            out["choices"][0]["logprobs"] = openai_logprobs(data["logprobs"])
+        return out
 
     # ---- streams -------------------------------------------------------------------------------
 
@@ -375,7 +396,8 @@ class CohereProvider(Provider):
             text = content.get("text")
             if text:
                 state.chars += len(text)
-                frames.append(writer.content(text))
+                item = event.get("logprobs")
+                frames.append(writer.content(text, openai_logprobs([item]) if item else None))
             elif content.get("thinking"):
                 frames.append(writer.reasoning(content["thinking"]))
         elif kind == "tool-plan-delta":

@@ -15,7 +15,9 @@ Translation, OpenAI → Gemini:
   (auto → AUTO, none → NONE, required → ANY, a named function → ANY + allowedFunctionNames).
 * ``response_format`` → ``responseMimeType`` + ``responseSchema``; ``stop``, ``temperature``,
   ``top_p``, ``top_k``, ``max_(completion_)tokens``, ``seed``, ``n`` (candidateCount), presence /
-  frequency penalties → ``generationConfig``; ``reasoning_effort`` → ``thinkingConfig.thinkingBudget``.
+  frequency penalties → ``generationConfig``; ``reasoning_effort`` → ``thinkingConfig.thinkingBudget``;
+  ``logprobs`` / ``top_logprobs`` → ``responseLogprobs`` / ``logprobs``, and each candidate's
+  ``logprobsResult`` comes back as the choice's ``logprobs`` (plain, and per chunk when streamed).
 
 Gemini → OpenAI: candidates become choices; function calls (which Gemini sends whole) become
 ``tool_calls`` with the upstream id or a generated one; thought parts (sent when thoughts are
@@ -200,6 +202,28 @@ def openapi_schema(schema: Any, defs: Mapping[str, Any] | None = None, depth: in
     return out
 
 
+def openai_logprobs(result: Any) -> dict[str, Any] | None:
+    """Gemini's ``logprobsResult`` as OpenAI's choice ``logprobs``: one entry per decoding step
+    (``chosenCandidates``), with the step's ``topCandidates`` as ``top_logprobs`` (empty when none
+    were asked for) and each token's UTF-8 ``bytes``."""
+    if not isinstance(result, Mapping):
+        return None
+    chosen = result.get("chosenCandidates") or ()
+    tops = result.get("topCandidates") or ()
+
+    def entry(candidate: Mapping[str, Any]) -> dict[str, Any]:
+        token = str(candidate.get("token") or "")
+        return {"token": token, "logprob": float(candidate.get("logProbability") or 0.0), "bytes": list(token.encode())}
+
+    content = []
+    for step, candidate in enumerate(chosen):
+        item = entry(candidate)
+        top = tops[step].get("candidates") if step < len(tops) and isinstance(tops[step], Mapping) else None
+        item["top_logprobs"] = [entry(c) for c in top or ()]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
 def _retry_delay(details: Any) -> str | None:
     """Seconds from a ``google.rpc.RetryInfo`` detail (``"retryDelay": "37s"``)."""
     if not isinstance(details, list):
@@ -242,7 +266,7 @@ class _Stream:
 
 class GeminiProvider(Provider):
     capabilities = frozenset({"chat", "chat_stream", "embeddings"})
-    unsupported_params = frozenset({"logit_bias", "logprobs", "top_logprobs"})
+    unsupported_params = frozenset({"logit_bias"})
     option_keys = frozenset({"schema_mode", "safety_settings", "embedding_task_type"})
     default_base_url = "https://generativelanguage.googleapis.com/v1beta"
 
@@ -448,6 +472,13 @@ class GeminiProvider(Provider):
                     config["responseJsonSchema" if self.json_schema else "responseSchema"] = self._schema(schema)
             elif kind not in (None, "text"):
                 raise InvalidRequestError(f"Unknown response_format type {kind!r}", param="response_format")
+        if body.get("logprobs"):
+            config["responseLogprobs"] = True
+            top = body.get("top_logprobs")
+            if top:
+                config["logprobs"] = top
+        elif body.get("top_logprobs"):
+            raise InvalidRequestError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
         effort = body.get("reasoning_effort")
         if effort is not None:
             if effort not in _THINKING_BUDGET:
@@ -519,9 +550,11 @@ class GeminiProvider(Provider):
         with map_upstream_errors(self.name, self.secrets):
             candidates = sorted(data.get("candidates") or (), key=lambda c: int(c.get("index") or 0))
             choices: list[tuple[str | None, list[dict[str, Any]], str, str | None]] = []
+            logprobs: list[dict[str, Any] | None] = []
             for candidate in candidates:
                 text, calls, reasoning = self._candidate(candidate)
                 choices.append((text, calls, finish_reason(candidate.get("finishReason"), bool(calls)), reasoning))
+                logprobs.append(openai_logprobs(candidate.get("logprobsResult")))
         if not choices:
             blocked = (data.get("promptFeedback") or {}).get("blockReason")
             choices.append((None, [], "content_filter" if blocked else "stop", None))
@@ -555,6 +588,8 @@ class GeminiProvider(Provider):
             if reasoning:
                 message["reasoning_content"] = reasoning
             out["choices"].append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
+        for choice, found in zip(out["choices"], logprobs, strict=False):
+            choice["logprobs"] = found
         return out
 
     # ---- streams -------------------------------------------------------------------------------
@@ -653,6 +688,7 @@ class GeminiProvider(Provider):
                 writer = self._writer(state, call, index)
                 frames.append(writer.role())
             content = candidate.get("content")
+            logprobs = openai_logprobs(candidate.get("logprobsResult"))
             if content:
                 for part in content.get("parts") or ():
                     if "text" in part:
@@ -660,14 +696,17 @@ class GeminiProvider(Provider):
                             state.chars += len(part["text"])
                             if part.get("thought"):
                                 frames.append(writer.reasoning(part["text"]))
-                            else:
-                                frames.append(writer.content(part["text"]))
+                            else:  # this chunk's tokens ride on its (first) answer text
+                                frames.append(writer.content(part["text"], logprobs))
+                                logprobs = None
                     elif "functionCall" in part:
                         call_id, name, arguments = _function_call(part)
                         tool_index = state.tools.get(index, 0)
                         state.tools[index] = tool_index + 1
                         state.chars += len(arguments)
                         frames.append(writer.tool_call_start(tool_index, call_id, name, arguments))
+            if logprobs is not None:  # tokens of a chunk without answer text (e.g. a function call)
+                frames.append(writer.content("", logprobs))
             reason = candidate.get("finishReason")
             if reason and index not in state.finished:
                 finish = finish_reason(reason, index in state.tools)

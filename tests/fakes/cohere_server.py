@@ -18,6 +18,8 @@ Behaviour is scripted by model name:
 * ``length``: finish_reason MAX_TOKENS. ``error-end``: finish_reason ERROR with an error message.
 * ``status-<code>``: fails with that status (429 carries ``Retry-After: 3``).
 * ``cut``: a stream that stops after three events without message-end.
+* with ``"logprobs": true``, text answers carry ``logprobs`` (:func:`logprob_item` per streamed
+  chunk): top-level in a plain answer, on each content-delta event in a stream.
 
 Every request is recorded in ``FakeCohere.requests`` (method, path, headers, body).
 """
@@ -121,10 +123,11 @@ class FakeCohere(FakeServer):
         try:
             if request.method == "POST" and path == "/v2/chat":
                 _validate_chat(body)
+                scored = bool(body.get("logprobs"))
                 if body.get("stream"):
-                    await self._stream(send, model)
+                    await self._stream(send, model, scored)
                 else:
-                    await self._json(send, 200, _answer(model))
+                    await self._json(send, 200, _answer(model, scored))
             elif request.method == "POST" and path == "/v2/embed":
                 await self._json(send, 200, _embed(body))
             else:
@@ -132,10 +135,10 @@ class FakeCohere(FakeServer):
         except _Invalid as exc:
             await self._error(send, 400, f"invalid request: {exc}")
 
-    async def _stream(self, send: Send, model: str) -> None:
+    async def _stream(self, send: Send, model: str, scored: bool) -> None:
         await start_sse(send, [(b"cache-control", b"no-cache"), *_LIMITS], content_type=b"text/event-stream")
         try:
-            for i, event in enumerate(_events(model)):
+            for i, event in enumerate(_events(model, scored)):
                 if model == "cut" and i == 3:
                     return
                 await send_event(send, event, event=event["type"])
@@ -190,7 +193,19 @@ def _finish(model: str) -> str:
     return {"length": "MAX_TOKENS", "error-end": "ERROR"}.get(model, "COMPLETE")
 
 
-def _answer(model: str) -> dict[str, Any]:
+def answer_chunks(model: str) -> list[str]:
+    """The answer text in the pieces the stream sends (one word each, with its leading space)."""
+    words = (JSON_ANSWER if model == "json" else ANSWER).split(" ")
+    return [word if n == 0 else " " + word for n, word in enumerate(words)]
+
+
+def logprob_item(text: str) -> dict[str, Any]:
+    """What Cohere sends for a text chunk with ``logprobs``: its token ids and one log probability
+    per token (here two tokens a chunk)."""
+    return {"text": text, "token_ids": [len(text), 7], "logprobs": [round(-0.01 * len(text), 4), -0.02]}
+
+
+def _answer(model: str, scored: bool = False) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant"}
     if model.startswith("tools"):
         message["tool_plan"] = TOOL_PLAN
@@ -200,10 +215,13 @@ def _answer(model: str) -> dict[str, Any]:
         if model == "thinking":
             content.insert(0, {"type": "thinking", "thinking": THINKING})
         message["content"] = content
-    return {"id": "fake-chat-id", "message": message, "finish_reason": _finish(model), "usage": _usage(model)}
+    answer = {"id": "fake-chat-id", "message": message, "finish_reason": _finish(model), "usage": _usage(model)}
+    if scored and not model.startswith("tools"):
+        answer["logprobs"] = [logprob_item(text) for text in answer_chunks(model)]
+    return answer
 
 
-def _events(model: str) -> list[dict[str, Any]]:
+def _events(model: str, scored: bool = False) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = [
         {
             "id": "fake-chat-id",
@@ -261,10 +279,15 @@ def _events(model: str) -> list[dict[str, Any]]:
         events.append(
             {"type": "content-start", "index": index, "delta": {"message": {"content": {"type": "text", "text": ""}}}}
         )
-        words = (JSON_ANSWER if model == "json" else ANSWER).split(" ")
-        for n, word in enumerate(words):
-            text = word if n == 0 else " " + word
-            events.append({"type": "content-delta", "index": index, "delta": {"message": {"content": {"text": text}}}})
+        for text in answer_chunks(model):
+            delta: dict[str, Any] = {
+                "type": "content-delta",
+                "index": index,
+                "delta": {"message": {"content": {"text": text}}},
+            }
+            if scored:
+                delta["logprobs"] = logprob_item(text)
+            events.append(delta)
         events.append({"type": "content-end", "index": index})
     end: dict[str, Any] = {"finish_reason": _finish(model), "usage": _usage(model)}
     if model == "error-end":

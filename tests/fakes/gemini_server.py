@@ -20,6 +20,9 @@ Behaviour is scripted by model name:
   thoughtsTokenCount 7 and cachedContentTokenCount 4.
 * ``length`` / ``safety``: finishReason MAX_TOKENS / SAFETY.
 * ``blocked``: no candidates, ``promptFeedback.blockReason = SAFETY``.
+* with ``responseLogprobs`` (any text answer): each candidate carries ``logprobsResult`` for its
+  answer text, one step per token (:func:`tokens_of`, :func:`token_logprob`), ``logprobs`` (0-20)
+  alternatives per step in ``topCandidates``.
 * ``status-<code>``: fails with that status (429 carries a RetryInfo detail ``retryDelay: "7s"``).
 * ``cut``: a stream that ends after two chunks without a finishReason.
 * ``mid-error``: a stream that sends an error object after two chunks.
@@ -29,6 +32,7 @@ Every request is recorded in ``FakeGemini.requests`` (method, path, query, heade
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,6 +241,8 @@ class FakeGemini(FakeServer):
                         else parts
                     )
                 candidate: dict[str, Any] = {"content": {"parts": candidate_parts, "role": "model"}, "index": index}
+                if config.get("responseLogprobs"):
+                    candidate["logprobsResult"] = _logprobs(candidate_parts, int(config.get("logprobs") or 0))
                 if last:
                     candidate["finishReason"] = finish
                     if finish == "SAFETY":
@@ -290,6 +296,39 @@ def _merged(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def tokens_of(text: str) -> list[str]:
+    """How this fake splits answer text into tokens: each word with the spaces after it."""
+    return re.findall(r"\S+\s*|\s+", text)
+
+
+def token_logprob(token: str) -> float:
+    return round(-0.01 * (len(token) + 1), 4)
+
+
+def _logprobs(parts: list[dict[str, Any]], top: int) -> dict[str, Any]:
+    """``logprobsResult`` for the answer text of ``parts`` (thought parts have none here): one
+    decoding step per token, ``top`` alternatives per step (the chosen one first)."""
+    chosen: list[dict[str, Any]] = []
+    tops: list[dict[str, Any]] = []
+    for part in parts:
+        if "text" not in part or part.get("thought"):
+            continue
+        for token in tokens_of(part["text"]):
+            pick = {"token": token, "logProbability": token_logprob(token)}
+            chosen.append(pick)
+            others = [
+                {"token": f"{token.strip()}~{j}", "logProbability": pick["logProbability"] - j} for j in range(1, top)
+            ]
+            tops.append({"candidates": [pick, *others][:top]})
+    result: dict[str, Any] = {
+        "chosenCandidates": chosen,
+        "logProbabilitySum": round(sum(c["logProbability"] for c in chosen), 4),
+    }
+    if top:
+        result["topCandidates"] = tops
+    return result
+
+
 def _vector(index: int, dimensions: Any) -> list[float]:
     size = int(dimensions or 8)
     return [round(0.1 * (index + 1) + 0.001 * j, 6) for j in range(size)]
@@ -308,6 +347,11 @@ def _validate(body: dict[str, Any]) -> None:
         if not content.get("parts"):
             raise _Invalid(f"* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty.")
     config = body.get("generationConfig") or {}
+    if "logprobs" in config and not config.get("responseLogprobs"):
+        raise _Invalid("logprobs is only valid if response_logprobs is true")
+    top = config.get("logprobs")
+    if top is not None and not (isinstance(top, int) and 0 <= top <= 20):
+        raise _Invalid("logprobs must be in the range [0, 20]")
     for key in config:
         if key not in _GENERATION:
             raise _Invalid(
