@@ -602,6 +602,31 @@ async def test_a_stream_that_ends_early_is_an_error(
     assert ("ended the stream" if model == "cut" else "overloaded") in caught.value.message
 
 
+async def test_cached_content_names_a_context_cache(
+    gemini: tuple[FakeGemini, str], serve_gateway: GatewayFactory
+) -> None:
+    """``cached_content`` (OpenAI SDK ``extra_body``) is sent as Gemini's ``cachedContent``; the
+    tokens read from the cache are the answer's cached prompt tokens. A name that is not a cache's
+    is refused before reaching Gemini."""
+    fake, url = gemini
+    hi: Any = [{"role": "user", "content": "Summarise the cached report."}]
+    async with serve_gateway(config(url)) as gw, sdk(gw) as client:
+        answer = await client.chat.completions.create(
+            model="gemini-ok", messages=hi, extra_body={"cached_content": "cachedContents/report-1"}
+        )
+        with pytest.raises(openai.BadRequestError) as wrong:
+            await client.chat.completions.create(
+                model="gemini-ok", messages=hi, extra_body={"cached_content": "report-1"}
+            )
+    assert fake.requests[0].body["cachedContent"] == "cachedContents/report-1"
+    assert len(fake.requests) == 1
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == 611
+    assert answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.cached_tokens == 600
+    assert wrong.value.param == "cached_content"
+
+
 async def test_logprobs_plain_and_streamed(gemini: tuple[FakeGemini, str], serve_gateway: GatewayFactory) -> None:
     """``logprobs`` / ``top_logprobs`` reach Gemini as ``responseLogprobs`` / ``logprobs``; its
     ``logprobsResult`` comes back as OpenAI's: one entry per token with its UTF-8 bytes and the

@@ -26,6 +26,10 @@ carried inside the tool call id and sent back when the client returns it in hist
 requires it). ``usageMetadata`` → usage (cached from ``cachedContentTokenCount``, reasoning from
 ``thoughtsTokenCount``, which also counts as completion tokens, as OpenAI does).
 
+Context caching: ``cached_content`` (a request field, e.g. the OpenAI SDK's ``extra_body``, or a
+deployment's ``params``) names a context cache made with Gemini's ``cachedContents`` API and is sent as
+``cachedContent``; the tokens read from it come back as ``prompt_tokens_details.cached_tokens``.
+
 Options (``[providers.NAME]``): ``schema_mode`` — ``"openapi"`` (default: JSON schemas are reduced
 to the OpenAPI subset ``responseSchema`` / ``parameters`` accept) or ``"json_schema"`` (sent as they
 are in ``responseJsonSchema`` / ``parametersJsonSchema``); ``safety_settings`` — a list of tables
@@ -369,6 +373,14 @@ class GeminiProvider(Provider):
             raise InvalidRequestError("'messages' needs at least one user or assistant message", param="messages")
 
         request: dict[str, Any] = {"contents": contents}
+        cached = body.get("cached_content")
+        if cached is not None:
+            if not isinstance(cached, str) or not cached.startswith("cachedContents/"):
+                raise InvalidRequestError(
+                    "'cached_content' must be the name of a Gemini context cache, 'cachedContents/...'",
+                    param="cached_content",
+                )
+            request["cachedContent"] = cached
         if system:
             request["systemInstruction"] = {"parts": system}
         tools = body.get("tools")

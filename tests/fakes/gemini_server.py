@@ -20,6 +20,8 @@ Behaviour is scripted by model name:
   thoughtsTokenCount 7 and cachedContentTokenCount 4.
 * ``length`` / ``safety``: finishReason MAX_TOKENS / SAFETY.
 * ``blocked``: no candidates, ``promptFeedback.blockReason = SAFETY``.
+* with ``cachedContent``: 600 more prompt tokens, all of them ``cachedContentTokenCount``; a name
+  that is not ``cachedContents/...`` is a 400.
 * with ``responseLogprobs`` (any text answer): each candidate carries ``logprobsResult`` for its
   answer text, one step per token (:func:`tokens_of`, :func:`token_logprob`), ``logprobs`` (0-20)
   alternatives per step in ``topCandidates``.
@@ -202,6 +204,10 @@ class FakeGemini(FakeServer):
             return [{"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage, **base}]
         if model == "thinking":
             usage = {**usage, "thoughtsTokenCount": 7, "cachedContentTokenCount": 4, "totalTokenCount": 27}
+        cached = body.get("cachedContent")
+        if cached:  # the cache's tokens count as prompt tokens, and as cached ones
+            usage = {**usage, "promptTokenCount": usage["promptTokenCount"] + 600, "cachedContentTokenCount": 600}
+            usage["totalTokenCount"] = usage["promptTokenCount"] + usage["candidatesTokenCount"]
         pieces: list[list[dict[str, Any]]]  # per chunk, the parts of candidate 0
         if model == "tools":
             pieces = [
@@ -338,6 +344,9 @@ def _validate(body: dict[str, Any]) -> None:
     for key in body:
         if key not in _TOP_LEVEL:
             raise _Invalid(f'Invalid JSON payload received. Unknown name "{key}": Cannot find field.')
+    cached = body.get("cachedContent")
+    if cached is not None and not str(cached).startswith("cachedContents/"):
+        raise _Invalid("* GenerateContentRequest.cached_content: invalid cached content name")
     contents = body.get("contents")
     if not isinstance(contents, list) or not contents:
         raise _Invalid("* GenerateContentRequest.contents: contents is not specified")
