@@ -159,7 +159,8 @@ async def test_sqlite_writer_process_killed_or_database_locked_loses_no_row(
 
 def test_sigterm_under_load_loses_no_row(tmp_path: Path) -> None:
     """SIGTERM while requests (plain and streamed) are in flight: every request that got a
-    response has its row, although nothing was flushed before the signal."""
+    response has its row, although nothing was flushed before the signal. (The SQLite writer
+    process is already running when the gateway is ready, before the first request.)"""
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(
@@ -212,6 +213,8 @@ async def _load_then_sigterm(process: subprocess.Popen[bytes], url: str) -> list
             assert process.poll() is None, "the gateway exited during startup"
             assert time.monotonic() < deadline, "the gateway did not become ready"
             await asyncio.sleep(0.05)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert any(b"rows.py" in Path(f"/proc/{child}/cmdline").read_bytes() for child in children)
         results: list[tuple[str, int]] = []
 
         async def one(i: int) -> None:

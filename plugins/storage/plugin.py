@@ -170,6 +170,8 @@ class StoragePlugin:
             raise
         gateway.state["storage"] = self
         self.writer.start()
+        if gateway.serving:
+            await self.writer.open_process()
 
     async def _migrate_in_child(self) -> None:
         """Migrate in a short-lived process (see :mod:`.migrate_child`: the server keeps ~16 MB less).

@@ -254,6 +254,12 @@ class SqliteProcess:
         self.process = process
         return process
 
+    async def open(self) -> None:
+        """Start the process now rather than on the first batch."""
+        async with self._lock:
+            if self.process is None:
+                await self._start()
+
     async def insert(self, lines: list[Line]) -> None:
         async with self._lock:
             await self._insert(lines)
@@ -557,6 +563,16 @@ class UsageWriter:
             )
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="llmgateway-storage-writer")
+
+    async def open_process(self) -> None:
+        """Start the SQLite writer process before requests come (a serving gateway's startup):
+        started by the first batch, its spawn (a fork of this ~60 MB process) held the requests of
+        that moment up to ~12 ms. Should it fail, the first batch tries again (and spools)."""
+        if self.sqlite_process is not None:
+            try:
+                await self.sqlite_process.open()
+            except OSError as exc:
+                log.warning("the SQLite writer process did not start (%s); retried with the first batch", exc)
 
     async def stop(self) -> None:
         """Flush (or spool) everything queued, then stop; later records are spooled directly."""
