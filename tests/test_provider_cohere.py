@@ -30,9 +30,15 @@ from tests.fakes.cohere_server import (
     FakeCohere,
     Recorded,
     answer_chunks,
+    citations_for,
     logprob_item,
 )
 from tests.servers import running
+
+DOCUMENTS: Any = [
+    "Paris is the capital of France.",
+    {"id": "wiki-paris", "data": {"title": "Paris", "snippet": "On the Seine."}},
+]
 
 MODELS = [
     "command-ok",
@@ -183,6 +189,20 @@ async def test_cohere_sdk_accepts_the_fake(fake_cohere: tuple[FakeCohere, str]) 
             if event.type == "content-delta" and event.logprobs is not None
         ]
         assert "".join(pieces) == ANSWER
+
+        grounded = await client.chat(
+            model="command-ok", messages=[{"role": "user", "content": "Hi"}], documents=DOCUMENTS
+        )
+        assert grounded.message.citations is not None
+        assert [c.sources[0].id for c in grounded.message.citations if c.sources] == ["doc:0", "wiki-paris"]
+        starts = [
+            event.delta.message.citations  # type: ignore[union-attr]
+            async for event in client.chat_stream(
+                model="command-ok", messages=[{"role": "user", "content": "Hi"}], documents=DOCUMENTS
+            )
+            if event.type == "citation-start"
+        ]
+        assert [c.text for c in starts] == [answer_chunks("command-ok")[0]] * 2
 
         tools = await client.chat(
             model="tools",
@@ -564,6 +584,36 @@ async def test_logprobs_plain_and_streamed(fake_cohere: tuple[FakeCohere, str], 
     assert [(e.token, e.logprob) for e in entries] == expected
     assert all(e.bytes == list(e.token.encode()) and e.top_logprobs == [] for e in logprobs.content)
     assert alternatives.value.param == "top_logprobs"
+
+
+async def test_documents_and_their_citations(
+    fake_cohere: tuple[FakeCohere, str], serve_gateway: GatewayFactory
+) -> None:
+    """``documents`` (through the OpenAI SDK's ``extra_body``) reach Cohere as they are; the
+    citations Cohere makes come back as the message's ``citations``, and streamed as ``citations``
+    deltas. Malformed documents are refused before reaching Cohere."""
+    fake, url = fake_cohere
+    hi: Any = [{"role": "user", "content": "Where is Paris?"}]
+    extra: Any = {"documents": DOCUMENTS, "citation_options": {"mode": "FAST"}}
+    async with serve_gateway(config(url)) as gw, sdk(gw) as client:
+        answer = await client.chat.completions.create(model="command-ok", messages=hi, extra_body=extra)
+        sent = last(fake).body
+        streamed: list[Any] = []
+        stream = await client.chat.completions.create(model="command-ok", messages=hi, stream=True, extra_body=extra)
+        async for chunk in stream:
+            if chunk.choices and (chunk.choices[0].delta.model_extra or {}).get("citations"):
+                streamed.extend(chunk.choices[0].delta.model_extra["citations"])  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as malformed:
+            await client.chat.completions.create(
+                model="command-ok", messages=hi, extra_body={"documents": [{"title": "no data"}]}
+            )
+    assert sent["documents"] == DOCUMENTS
+    assert sent["citation_options"] == {"mode": "FAST"}
+    expected = citations_for(DOCUMENTS, "command-ok")
+    assert (answer.choices[0].message.model_extra or {}).get("citations") == expected
+    assert streamed == expected
+    assert malformed.value.param == "documents"
+    assert len(fake.requests) == 2
 
 
 async def test_n_is_refused_unless_dropped(fake_cohere: tuple[FakeCohere, str], serve_gateway: GatewayFactory) -> None:

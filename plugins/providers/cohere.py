@@ -13,6 +13,10 @@ translation is mostly renaming:
   ``stop`` → ``stop_sequences``, ``top_p`` → ``p``, ``top_k`` → ``k``, ``max_(completion_)tokens``
   → ``max_tokens``; ``temperature``, ``seed`` and the penalties keep their names;
   ``reasoning_effort`` → ``thinking`` (none / minimal: disabled, else a token budget).
+* ``documents`` (strings, or ``{"id"?, "data": {...}}``) and ``citation_options`` (request fields
+  beyond OpenAI's, e.g. the SDK's ``extra_body``) go to Cohere as they are; its citations come back
+  as the message's ``citations`` (Cohere's objects: ``start``, ``end``, ``text``, ``sources``), and
+  in a stream as a ``citations`` delta when each starts.
 * ``logprobs`` → ``logprobs``: Cohere scores text chunks (a few tokens each, with their token ids),
   so each chunk is one entry of the choice's ``logprobs.content``: the chunk's text as ``token``,
   the sum of its tokens' log probabilities (the chunk's own) as ``logprob``, no alternatives.
@@ -70,6 +74,21 @@ _FINISH = {"COMPLETE": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", 
 _LIMIT_HEADERS = ("x-trial-endpoint-call-", "x-endpoint-monthly-call-")
 _SAFETY_MODES = ("CONTEXTUAL", "STRICT", "OFF")
 _THINKING_BUDGET = {"none": 0, "minimal": 0, "low": 1024, "medium": 8192, "high": 24576}
+
+
+def _documents(documents: Any) -> list[Any]:
+    """``documents`` for retrieval-augmented answers, as Cohere takes them: strings, or objects with
+    a ``data`` object (and optionally an ``id``)."""
+    if not isinstance(documents, list):
+        raise InvalidRequestError("'documents' must be an array of strings or objects", param="documents")
+    for i, document in enumerate(documents):
+        if isinstance(document, str):
+            continue
+        if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
+            raise InvalidRequestError(
+                f"'documents[{i}]' must be a string or an object with a 'data' object", param="documents"
+            )
+    return documents
 
 
 def openai_logprobs(items: Any) -> dict[str, Any]:
@@ -220,6 +239,14 @@ class CohereProvider(Provider):
             payload["thinking"] = {"type": "enabled", "token_budget": budget} if budget else {"type": "disabled"}
         if body.get("logprobs"):
             payload["logprobs"] = True
+        documents = body.get("documents")
+        if documents is not None:
+            payload["documents"] = _documents(documents)
+        options = body.get("citation_options")
+        if options is not None:
+            if not isinstance(options, dict):
+                raise InvalidRequestError("'citation_options' must be an object", param="citation_options")
+            payload["citation_options"] = options
         if self.safety_mode:
             payload["safety_mode"] = self.safety_mode
         return payload
@@ -324,6 +351,9 @@ class CohereProvider(Provider):
         )
         if data.get("logprobs"):
             out["choices"][0]["logprobs"] = openai_logprobs(data["logprobs"])
+        citations = message.get("citations")
+        if citations:
+            out["choices"][0]["message"]["citations"] = citations
         return out
 
     # ---- streams -------------------------------------------------------------------------------
@@ -400,6 +430,10 @@ class CohereProvider(Provider):
                 frames.append(writer.content(text, openai_logprobs([item]) if item else None))
             elif content.get("thinking"):
                 frames.append(writer.reasoning(content["thinking"]))
+        elif kind == "citation-start":
+            citation = ((event.get("delta") or {}).get("message") or {}).get("citations")
+            if citation:
+                frames.append(writer.delta({"citations": [citation]}))
         elif kind == "tool-plan-delta":
             plan = ((event.get("delta") or {}).get("message") or {}).get("tool_plan")
             if plan:

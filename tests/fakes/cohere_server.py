@@ -18,6 +18,8 @@ Behaviour is scripted by model name:
 * ``length``: finish_reason MAX_TOKENS. ``error-end``: finish_reason ERROR with an error message.
 * ``status-<code>``: fails with that status (429 carries ``Retry-After: 3``).
 * ``cut``: a stream that stops after three events without message-end.
+* with ``documents``: citations of the answer's first word, one per document (:func:`citations_for`),
+  in ``message.citations`` or as citation-start / citation-end events after the text.
 * with ``"logprobs": true``, text answers carry ``logprobs`` (:func:`logprob_item` per streamed
   chunk): top-level in a plain answer, on each content-delta event in a stream.
 
@@ -124,10 +126,11 @@ class FakeCohere(FakeServer):
             if request.method == "POST" and path == "/v2/chat":
                 _validate_chat(body)
                 scored = bool(body.get("logprobs"))
+                cited = citations_for(body.get("documents"), model)
                 if body.get("stream"):
-                    await self._stream(send, model, scored)
+                    await self._stream(send, model, scored, cited)
                 else:
-                    await self._json(send, 200, _answer(model, scored))
+                    await self._json(send, 200, _answer(model, scored, cited))
             elif request.method == "POST" and path == "/v2/embed":
                 await self._json(send, 200, _embed(body))
             else:
@@ -135,10 +138,10 @@ class FakeCohere(FakeServer):
         except _Invalid as exc:
             await self._error(send, 400, f"invalid request: {exc}")
 
-    async def _stream(self, send: Send, model: str, scored: bool) -> None:
+    async def _stream(self, send: Send, model: str, scored: bool, cited: list[dict[str, Any]]) -> None:
         await start_sse(send, [(b"cache-control", b"no-cache"), *_LIMITS], content_type=b"text/event-stream")
         try:
-            for i, event in enumerate(_events(model, scored)):
+            for i, event in enumerate(_events(model, scored, cited)):
                 if model == "cut" and i == 3:
                     return
                 await send_event(send, event, event=event["type"])
@@ -205,7 +208,33 @@ def logprob_item(text: str) -> dict[str, Any]:
     return {"text": text, "token_ids": [len(text), 7], "logprobs": [round(-0.01 * len(text), 4), -0.02]}
 
 
-def _answer(model: str, scored: bool = False) -> dict[str, Any]:
+def citations_for(documents: Any, model: str) -> list[dict[str, Any]]:
+    """With ``documents``, the answer cites its first word from each document (Cohere names the
+    documents without an id ``doc:<i>``; a string document is ``{"text": ...}``)."""
+    if not documents or model.startswith("tools"):
+        return []
+    word = answer_chunks(model)[0]
+    citations = []
+    for i, document in enumerate(documents):
+        if isinstance(document, str):
+            source = {"type": "document", "id": f"doc:{i}", "document": {"id": f"doc:{i}", "text": document}}
+        else:
+            doc_id = document.get("id") or f"doc:{i}"
+            source = {"type": "document", "id": doc_id, "document": {"id": doc_id, **document["data"]}}
+        citations.append(
+            {
+                "start": 0,
+                "end": len(word),
+                "text": word,
+                "sources": [source],
+                "content_index": 0,
+                "type": "TEXT_CONTENT",
+            }
+        )
+    return citations
+
+
+def _answer(model: str, scored: bool = False, cited: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant"}
     if model.startswith("tools"):
         message["tool_plan"] = TOOL_PLAN
@@ -215,13 +244,15 @@ def _answer(model: str, scored: bool = False) -> dict[str, Any]:
         if model == "thinking":
             content.insert(0, {"type": "thinking", "thinking": THINKING})
         message["content"] = content
+    if cited:
+        message["citations"] = cited
     answer = {"id": "fake-chat-id", "message": message, "finish_reason": _finish(model), "usage": _usage(model)}
     if scored and not model.startswith("tools"):
         answer["logprobs"] = [logprob_item(text) for text in answer_chunks(model)]
     return answer
 
 
-def _events(model: str, scored: bool = False) -> list[dict[str, Any]]:
+def _events(model: str, scored: bool = False, cited: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = [
         {
             "id": "fake-chat-id",
@@ -288,6 +319,9 @@ def _events(model: str, scored: bool = False) -> list[dict[str, Any]]:
             if scored:
                 delta["logprobs"] = logprob_item(text)
             events.append(delta)
+        for n, citation in enumerate(cited or ()):
+            events.append({"type": "citation-start", "index": n, "delta": {"message": {"citations": citation}}})
+            events.append({"type": "citation-end", "index": n})
         events.append({"type": "content-end", "index": index})
     end: dict[str, Any] = {"finish_reason": _finish(model), "usage": _usage(model)}
     if model == "error-end":
