@@ -136,6 +136,15 @@ def chat_completion(
     return out
 
 
+def logprob_entry(token: str, logprob: float, top: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One entry of OpenAI's ``logprobs.content``: the token, its log probability, its UTF-8 bytes and,
+    when given, its ``top_logprobs`` (an entry of ``top_logprobs`` itself has none)."""
+    entry: dict[str, Any] = {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    if top is not None:
+        entry["top_logprobs"] = top
+    return entry
+
+
 def strip_thinking_blocks(body: dict[str, Any]) -> None:
     """Remove ``thinking_blocks`` from the body's messages (for upstreams that would refuse the
     field). The messages list is replaced, not edited: it is shared with the request's own body,

@@ -65,6 +65,7 @@ from llmgateway.plugins.providers._openai_format import (
     chat_completion,
     embedding_inputs,
     embeddings_response,
+    logprob_entry,
     max_output_tokens,
     stop_sequences,
     text_of,
@@ -98,9 +99,8 @@ def openai_logprobs(items: Any) -> dict[str, Any]:
     for item in items if isinstance(items, list) else ():
         if not isinstance(item, Mapping):
             continue
-        text = str(item.get("text") or "")
         logprob = sum(float(x) for x in item.get("logprobs") or ())
-        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []})
+        content.append(logprob_entry(str(item.get("text") or ""), logprob, []))
     return {"content": content, "refusal": None}
 
 

@@ -67,6 +67,7 @@ from llmgateway.plugins.providers._openai_format import (
     embedding_inputs,
     embeddings_response,
     encode_embedding,
+    logprob_entry,
     max_output_tokens,
     new_tool_call_id,
     parse_data_url,
@@ -215,16 +216,13 @@ def openai_logprobs(result: Any) -> dict[str, Any] | None:
     chosen = result.get("chosenCandidates") or ()
     tops = result.get("topCandidates") or ()
 
-    def entry(candidate: Mapping[str, Any]) -> dict[str, Any]:
-        token = str(candidate.get("token") or "")
-        return {"token": token, "logprob": float(candidate.get("logProbability") or 0.0), "bytes": list(token.encode())}
+    def entry(candidate: Mapping[str, Any], top: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return logprob_entry(str(candidate.get("token") or ""), float(candidate.get("logProbability") or 0.0), top)
 
     content = []
     for step, candidate in enumerate(chosen):
-        item = entry(candidate)
         top = tops[step].get("candidates") if step < len(tops) and isinstance(tops[step], Mapping) else None
-        item["top_logprobs"] = [entry(c) for c in top or ()]
-        content.append(item)
+        content.append(entry(candidate, [entry(c) for c in top or ()]))
     return {"content": content, "refusal": None}
 
 
