@@ -23,7 +23,7 @@ from llmgateway.core.types import Principal
 from llmgateway.plugins.storage.database import Database
 from llmgateway.plugins.storage.plugin import StoragePlugin
 from llmgateway.plugins.storage.sql import execute, fetch
-from llmgateway.plugins.storage.writer import Spool, UsageWriter, to_row
+from llmgateway.plugins.storage.writer import Spool, UsageWriter, encode_row, to_row
 from tests.test_storage_support import database_url, decision, opened, record
 
 KEY = Principal(kind="virtual_key", key_id="key_mem", user_id="user_mem", team_id="team_mem")
@@ -116,7 +116,7 @@ async def test_replaying_a_large_spool_under_load_writes_every_row_once(db: Data
     spool_dir = tmp_path / "spool"
     old = Spool(str(spool_dir))
     old.pid = 999_999  # a process that is gone
-    old.write(to_row(record(f"old_{i:05d}", principal=KEY), decision()) for i in range(3_000))
+    old.write_lines(encode_row(record(f"old_{i:05d}", principal=KEY), decision()) for i in range(3_000))
     writer = UsageWriter(db, batch_size=100, flush_interval=0.02, queue_size=300, spool_dir=str(spool_dir))
     with db.activate():
         writer.start()
@@ -173,7 +173,7 @@ async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_written(db: 
     old.pid = 999_999  # a process that is gone: its spool is replayed at start
     spooled = [to_row(record(f"old_{i:02d}", principal=KEY), decision()) for i in range(10)]
     spooled[4]["status"] = None
-    old.write(spooled)
+    old.write_lines(orjson.dumps(row) + b"\n" for row in spooled)
     writer = UsageWriter(db, batch_size=8, flush_interval=0.02, spool_dir=str(spool_dir))
     with db.activate():
         writer.start()

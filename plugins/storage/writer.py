@@ -354,9 +354,6 @@ class Spool:
     def current(self) -> Path:
         return self.dir / f"usage-{self.pid}-{self.token}-{self.seq}.jsonl"
 
-    def write(self, rows: Iterable[Row], *, sync: bool = False) -> int:
-        return self.write_lines([orjson.dumps(row, default=str) + b"\n" for row in rows], sync=sync)
-
     def write_lines(self, lines: Iterable[Line], *, sync: bool = False) -> int:
         data = b"".join(lines)
         if not data:
