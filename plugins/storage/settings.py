@@ -26,7 +26,7 @@ class WriteBehind:
     # thread of the server (~20 MB less, but sqlite3 then holds the server's GIL while binding)
     process: bool = True
     # that process's CPU priority: "idle" (Linux SCHED_IDLE: it runs when a CPU has nothing else to
-    # do, so serving requests never waits for it), "low" (nice 19), "normal"
+    # do, and a woken server takes the CPU from it at once), "low" (nice 19), "normal"
     priority: str = "idle"
 
 
