@@ -27,29 +27,29 @@ from tests.servers import free_port, running
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
+def run_benchmark(module: str, *args: str, timeout: float) -> str:
+    """``python -m <module> <args>`` from the repository root; its output, once it exited 0."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "run",
-            "--quick",
-            "--skip-litellm",
-            "--chain",
-            "core",
-            "--baselines",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
+    run_benchmark(
+        "benchmarks",
+        "run",
+        "--quick",
+        "--skip-litellm",
+        "--chain",
+        "core",
+        "--baselines",
+        "--out",
+        str(tmp_path),
+        timeout=240,
+    )
     data = json.loads((tmp_path / "latest.json").read_text())
     results = data["results"]
     for key in ("direct", "baseline_static", "baseline_proxy", "llmgateway"):
@@ -70,17 +70,11 @@ def test_benchmark_command_runs_end_to_end(tmp_path: Path) -> None:
     "extra", [[], ["--stream", "--no-storage"], ["--chain", "bare"]], ids=["core", "stream", "bare"]
 )
 def test_inprocess_benchmark_runs(extra: list[str]) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.inprocess", "--requests", "64", "--concurrency", "4", "--reps", "1", *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    out = run_benchmark(
+        "benchmarks.inprocess", "--requests", "64", "--concurrency", "4", "--reps", "1", *extra, timeout=120
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "64 requests x 1 at concurrency 4: CPU " in out.stdout
-    assert "µs/request" in out.stdout
+    assert "64 requests x 1 at concurrency 4: CPU " in out
+    assert "µs/request" in out
 
 
 @pytest.mark.slow
@@ -88,18 +82,10 @@ def test_inprocess_benchmark_runs(extra: list[str]) -> None:
 def test_instruction_count_benchmark_runs() -> None:
     """``benchmarks.instructions`` serves real requests under callgrind twice and prints the
     difference per request (hypercorn alone: the cheapest target, ~15 s)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.instructions", "--targets", "static", "--requests", "10,40"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "instructions per request, plain requests, concurrency 8 (10 vs 40 requests)" in out.stdout
-    found = re.search(r"^  static +([\d,]+)$", out.stdout, re.M)
-    assert found, out.stdout
+    out = run_benchmark("benchmarks.instructions", "--targets", "static", "--requests", "10,40", timeout=110)
+    assert "instructions per request, plain requests, concurrency 8 (10 vs 40 requests)" in out
+    found = re.search(r"^  static +([\d,]+)$", out, re.M)
+    assert found, out
     # a served request costs hypercorn at least its HTTP parsing and a socket write and read
     assert int(found.group(1).replace(",", "")) > 50_000
 
