@@ -22,6 +22,8 @@ import pytest
 
 from llmgateway.core.config import ProviderConfig
 from llmgateway.core.http import GatewayClient, make_client, open_stream, post_bytes
+from tests.conftest import UPSTREAM_KEY
+from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +90,32 @@ def test_instruction_count_benchmark_runs() -> None:
     assert found, out
     # a served request costs hypercorn at least its HTTP parsing and a socket write and read
     assert int(found.group(1).replace(",", "")) > 50_000
+
+
+@pytest.mark.slow
+async def test_latency_series_runs() -> None:
+    """``benchmarks.latency_series`` against an upstream: percentiles, the slow requests and p99
+    per second, from a one-connection phase after a short warm-up."""
+    async with running(FakeOpenAI()) as url:
+        out = await asyncio.to_thread(
+            run_benchmark,
+            "benchmarks.latency_series",
+            "--url",
+            f"{url}/v1/chat/completions",
+            "--key",
+            UPSTREAM_KEY,
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--warmup-concurrency",
+            "2",
+            timeout=60,
+        )
+    first = out.splitlines()[0]
+    assert re.fullmatch(r"\d+ requests: p50 [\d.]+ ms, p99 [\d.]+ ms, max [\d.]+ ms", first), out
+    assert int(first.split()[0]) > 0
+    assert "p99 per second:" in out
 
 
 class Recorder:
